@@ -1,0 +1,45 @@
+"""Sessions: `nox -s tests`, `nox -s lint` (more as stages land; see README).
+
+Environments are reused and dependencies are installed only when pyproject.toml changes, so a
+second run of any session starts in seconds instead of reinstalling torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests"]
+
+ROOT = Path(__file__).parent
+PYTHON = "3.11"
+
+
+def install_project(session: nox.Session, extras: str) -> None:
+    """`pip install -e .[extras]` once per pyproject.toml version; later runs skip pip entirely."""
+    stamp = Path(session.virtualenv.location) / ".installed-stamp"
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    if stamp.exists() and stamp.read_text() == wanted:
+        session.log("dependencies unchanged since the last run: skipping install")
+        return
+    session.install("--upgrade", "pip")
+    session.install("-e", f".[{extras}]")
+    stamp.write_text(wanted)
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The test suite (unit tests plus end-to-end tests on the full MobileSAM architecture)."""
+    install_project(session, "test")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    install_project(session, "lint")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")

@@ -1,0 +1,26 @@
+"""Entry-point glue: logging set-up and one-line errors instead of tracebacks."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+from pipeline.errors import PipelineError
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+def run_main(main: Callable[[], int | None]) -> None:
+    """Run a stage; a PipelineError becomes `error: <one line>` and exit status 2."""
+    try:
+        status = main()
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(status or 0)

@@ -1,0 +1,102 @@
+"""The run configuration: one small typed object, read from TOML and command-line options.
+
+Every stage's entry point takes `--config FILE`, `--checkpoint PATH` and `--out DIR`; options
+given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from pipeline.contract import DEFAULT_NUM_POINTS
+from pipeline.errors import ConfigError
+from pipeline.model import MODEL_TYPES, STUDENT_TYPE
+
+PRECISIONS = ("fp32", "fp16", "int8", "palettize6")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What to build: which weights, how many prompt slots, which targets and precisions, where."""
+
+    model_type: str = STUDENT_TYPE
+    checkpoint: Path | None = None
+    seed: int = 0
+    num_points: int = DEFAULT_NUM_POINTS
+    targets: tuple[str, ...] = ()
+    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    out_dir: Path = Path("artifacts")
+
+    def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type {self.model_type!r} is unknown; expected one of {', '.join(MODEL_TYPES)}")
+        if not isinstance(self.num_points, int) or not 2 <= self.num_points <= 64:
+            raise ConfigError(f"num_points must be an integer in 2..64, got {self.num_points!r}")
+        unknown = [p for p in self.precisions if p not in PRECISIONS]
+        if unknown:
+            raise ConfigError(f"unknown precisions {unknown}; expected some of {', '.join(PRECISIONS)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type,
+            "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
+            "seed": self.seed,
+            "num_points": self.num_points,
+            "targets": list(self.targets),
+            "precisions": list(self.precisions),
+            "out_dir": str(self.out_dir),
+        }
+
+
+_PATH_FIELDS = {"checkpoint", "out_dir"}
+_TUPLE_FIELDS = {"targets", "precisions"}
+
+
+def load_config(path: Path | None) -> RunConfig:
+    """Read a TOML file whose top-level keys are RunConfig's fields (all optional)."""
+    if path is None:
+        return RunConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown}; expected some of {sorted(known)}")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _PATH_FIELDS:
+            value = (path.parent / value) if value else None
+        elif key in _TUPLE_FIELDS:
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}: {key} must be a list, got {value!r}")
+            value = tuple(value)
+        values[key] = value
+    return RunConfig(**values)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML run configuration")
+    parser.add_argument("--checkpoint", type=Path, help="official checkpoint (mobile_sam.pt, sam_vit_*.pth)")
+    parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--num-points", type=int, help="prompt slots N of the exported decoder")
+    parser.add_argument("--seed", type=int, help="seed of the random weights used without a checkpoint")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    config = load_config(args.config)
+    overrides = {
+        "checkpoint": args.checkpoint,
+        "out_dir": args.out,
+        "num_points": args.num_points,
+        "seed": args.seed,
+    }
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,178 @@
+"""The two exported parts as plain tensor-in, tensor-out modules that follow the contract.
+
+Control flow is replaced by arithmetic, as in segment-anything's SamOnnxModel, so every
+converter sees one static graph. The prompt decoder masks surplus padding tokens out of
+attention, so a prompt padded to N slots gives exactly SamPredictor's answer.
+"""
+
+from __future__ import annotations
+
+import torch
+from segment_anything.modeling import Sam
+from segment_anything.modeling.mask_decoder import MaskDecoder
+from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
+from torch import nn
+
+from pipeline.contract import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD, PointLabel
+
+MASKED_LOGIT = -1.0e4
+"""Added to attention logits of masked keys: exp() of it is exactly 0 in fp32 and fp16, and it
+stays finite (no -inf arithmetic, which some converters and fp16 kernels mishandle)."""
+
+# Plain ints: torch.export's tracer does not compare tensors with IntEnum members.
+_PADDING = int(PointLabel.PADDING)
+_BOX_TOP_LEFT = int(PointLabel.BOX_TOP_LEFT)
+
+
+class ImageEncoderForExport(nn.Module):
+    """`image` (1x3x1024x1024, RGB 0..255, mean-padded) -> `image_embeddings` (1x256x64x64)."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.image_encoder = sam.image_encoder
+        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder((image - self.pixel_mean) / self.pixel_std)
+
+
+def padding_key_bias(point_labels: torch.Tensor) -> torch.Tensor:
+    """Additive attention bias (1 x N) that keeps exactly the tokens SamPredictor would embed.
+
+    SamPredictor embeds the k real points plus one padding point, or the k points plus the box
+    corners and no padding. Here every slot labelled -1 is a padding token; the first one is
+    kept when there is no box, every other one gets MASKED_LOGIT so it drops out of softmax.
+    """
+    is_padding = (point_labels == _PADDING).to(point_labels.dtype)
+    has_box = (point_labels == _BOX_TOP_LEFT).to(point_labels.dtype).amax(dim=1, keepdim=True)
+    is_first_padding = is_padding * (torch.cumsum(is_padding, dim=1) == 1).to(point_labels.dtype)
+    keep = (1.0 - is_padding) + is_first_padding * (1.0 - has_box)
+    return (1.0 - keep) * MASKED_LOGIT
+
+
+def append_padding_slot(point_coords: torch.Tensor, point_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add one padding point after the N input slots.
+
+    SamPredictor embeds k points plus one padding point, so k = N points need N + 1 tokens;
+    with this slot every k <= N has the padding token SamPredictor would add.
+    """
+    coords = torch.cat([point_coords, torch.zeros_like(point_coords[:, :1])], dim=1)
+    labels = torch.cat([point_labels, torch.full_like(point_labels[:, :1], _PADDING)], dim=1)
+    return coords, labels
+
+
+def _attend(
+    attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None
+) -> torch.Tensor:
+    """segment-anything's Attention.forward with an additive bias over the keys."""
+    q = attention._separate_heads(attention.q_proj(q), attention.num_heads)
+    k = attention._separate_heads(attention.k_proj(k), attention.num_heads)
+    v = attention._separate_heads(attention.v_proj(v), attention.num_heads)
+    logits = q @ k.permute(0, 1, 3, 2) / (q.shape[-1] ** 0.5)
+    if key_bias is not None:
+        logits = logits + key_bias[:, None, None, :]
+    out = torch.softmax(logits, dim=-1) @ v
+    return attention.out_proj(attention._recombine_heads(out))
+
+
+def _two_way_block(
+    block: TwoWayAttentionBlock,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    query_pe: torch.Tensor,
+    key_pe: torch.Tensor,
+    token_bias: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TwoWayAttentionBlock.forward where prompt tokens are keys only through `token_bias`."""
+    if block.skip_first_layer_pe:
+        queries = _attend(block.self_attn, queries, queries, queries, token_bias)
+    else:
+        q = queries + query_pe
+        queries = queries + _attend(block.self_attn, q, q, queries, token_bias)
+    queries = block.norm1(queries)
+    q, k = queries + query_pe, keys + key_pe
+    queries = block.norm2(queries + _attend(block.cross_attn_token_to_image, q, k, keys, None))
+    queries = block.norm3(queries + block.mlp(queries))
+    q, k = queries + query_pe, keys + key_pe
+    keys = block.norm4(keys + _attend(block.cross_attn_image_to_token, k, q, queries, token_bias))
+    return queries, keys
+
+
+def _two_way_transformer(
+    transformer: TwoWayTransformer,
+    image_embedding: torch.Tensor,
+    image_pe: torch.Tensor,
+    tokens: torch.Tensor,
+    token_bias: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TwoWayTransformer.forward with masked prompt-token keys."""
+    image_embedding = image_embedding.flatten(2).permute(0, 2, 1)
+    image_pe = image_pe.flatten(2).permute(0, 2, 1)
+    queries, keys = tokens, image_embedding
+    for block in transformer.layers:
+        queries, keys = _two_way_block(block, queries, keys, tokens, image_pe, token_bias)
+    q, k = queries + tokens, keys + image_pe
+    queries = transformer.norm_final_attn(queries + _attend(transformer.final_attn_token_to_image, q, k, keys, None))
+    return queries, keys
+
+
+class PromptDecoderForExport(nn.Module):
+    """Prompt encoder + mask decoder on fixed-shape inputs; all four masks, no selection."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder: MaskDecoder = sam.mask_decoder
+        self.register_buffer("image_pe", sam.prompt_encoder.get_dense_pe().detach().clone(), persistent=False)
+
+    def _embed_points(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
+        """PromptEncoder._embed_points with label lookups as arithmetic; box corners are labels 2, 3."""
+        encoder = self.prompt_encoder
+        coords = (point_coords + 0.5) / IMAGE_SIZE
+        embedding = encoder.pe_layer._pe_encoding(coords)
+        labels = point_labels.unsqueeze(-1)
+        embedding = embedding * (labels != _PADDING).to(embedding.dtype)
+        embedding = embedding + encoder.not_a_point_embed.weight * (labels == _PADDING).to(embedding.dtype)
+        for index, point_embedding in enumerate(encoder.point_embeddings):
+            embedding = embedding + point_embedding.weight * (labels == index).to(embedding.dtype)
+        return embedding
+
+    def _embed_mask(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
+        encoder = self.prompt_encoder
+        use_mask = has_mask_input.view(-1, 1, 1, 1)
+        return use_mask * encoder.mask_downscaling(mask_input) + (1.0 - use_mask) * encoder.no_mask_embed.weight.view(
+            1, -1, 1, 1
+        )
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_input: torch.Tensor,
+        has_mask_input: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        decoder = self.mask_decoder
+        point_coords, point_labels = append_padding_slot(point_coords, point_labels)
+        sparse = self._embed_points(point_coords, point_labels)
+        dense = self._embed_mask(mask_input, has_mask_input)
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0).unsqueeze(0)
+        tokens = torch.cat([output_tokens, sparse], dim=1)
+        token_bias = torch.cat(
+            [torch.zeros_like(point_labels[:, :1]).expand(-1, output_tokens.shape[1]), padding_key_bias(point_labels)],
+            dim=1,
+        )
+        src = image_embeddings + dense
+        hidden, src = _two_way_transformer(decoder.transformer, src, self.image_pe, tokens, token_bias)
+        iou_token_out = hidden[:, 0, :]
+        mask_tokens_out = hidden[:, 1 : 1 + decoder.num_mask_tokens, :]
+        b, c, h, w = image_embeddings.shape
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
+        )
+        b, c, h, w = upscaled.shape
+        low_res_masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        iou_predictions = decoder.iou_prediction_head(iou_token_out)
+        return low_res_masks, iou_predictions

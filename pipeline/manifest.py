@@ -1,0 +1,110 @@
+"""The artifact manifest: what each converted file is, where it came from, and its contract.
+
+Each target writes `<out>/<target>/manifest.json`; the validate stage finds runs by these.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ArtifactError
+from pipeline.files import atomic_write_json, sha256_file, size_bytes
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+def tool_versions(*packages: str) -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "segment-anything", "timm", "numpy", *packages):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """One converted file (or `.mlpackage` folder), relative to the manifest's folder."""
+
+    file: str
+    sha256: str
+    bytes: int
+    part: str
+    target: str
+    precision: str
+    contract: dict[str, Any]
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def describe_file(cls, path: Path, root: Path, **fields: Any) -> ArtifactRecord:
+        return cls(file=str(Path(path).relative_to(root)), sha256=sha256_file(path), bytes=size_bytes(path), **fields)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    target: str
+    weights: dict[str, Any]
+    config: dict[str, Any]
+    tool_versions: dict[str, str]
+    artifacts: tuple[ArtifactRecord, ...]
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights.get("checkpoint") is None
+
+    def to_json(self) -> dict[str, Any]:
+        payload = asdict(self)
+        payload["random_weights"] = self.random_weights
+        return payload
+
+    def write(self, folder: Path) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        atomic_write_json(path, self.to_json())
+        return path
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Parse a manifest; one clear line if it is missing or not one of ours."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"manifest not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(f"{path} is not a manifest of schema version {SCHEMA_VERSION}")
+    try:
+        raw.pop("random_weights", None)
+        artifacts = tuple(ArtifactRecord(**item) for item in raw.pop("artifacts"))
+        return Manifest(artifacts=artifacts, **raw)
+    except (KeyError, TypeError) as error:
+        raise ArtifactError(f"{path} is missing manifest fields: {error}") from None
+
+
+def find_manifests(root: Path) -> list[Path]:
+    return sorted(Path(root).glob(f"*/{MANIFEST_NAME}"))
+
+
+def verify_artifact(manifest_path: Path, record: ArtifactRecord) -> Path:
+    """The artifact's path, after checking it exists and still has the recorded hash."""
+    path = Path(manifest_path).parent / record.file
+    if not path.exists():
+        raise ArtifactError(f"{record.target} {record.part} {record.precision}: file missing: {path}")
+    digest = sha256_file(path)
+    if digest != record.sha256:
+        raise ArtifactError(
+            f"{record.target} {record.part} {record.precision}: {path} changed since conversion "
+            f"(sha256 {digest[:12]} vs manifest {record.sha256[:12]})"
+        )
+    return path

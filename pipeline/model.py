@@ -1,0 +1,119 @@
+"""MobileSAM and the SAM teachers, built from timm's TinyVit and segment-anything's modules.
+
+MobileSAM = TinyViT-5M image encoder + SAM's prompt encoder and mask decoder, unchanged. The
+whole model is segment-anything's `Sam` class, so `SamPredictor` runs it as it runs SAM.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Literal
+
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling.common import LayerNorm2d
+from timm.models.tiny_vit import Attention as TinyVitAttention
+from timm.models.tiny_vit import TinyVit
+from torch import nn
+
+from pipeline.contract import EMBEDDING_SHAPE, IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
+
+ModelType = Literal["vit_t", "vit_b", "vit_l", "vit_h"]
+STUDENT_TYPE: ModelType = "vit_t"
+TEACHER_TYPES: tuple[ModelType, ...] = ("vit_b", "vit_l", "vit_h")
+MODEL_TYPES: tuple[ModelType, ...] = (STUDENT_TYPE, *TEACHER_TYPES)
+
+PROMPT_EMBED_DIM = EMBEDDING_SHAPE[1]
+
+
+class MobileSamTinyViT(TinyVit):
+    """TinyViT-5M as MobileSAM uses it: a 64x64x256 embedding for a 1024x1024 image.
+
+    Two changes to timm's TinyVit: the last downsample keeps stride 1 (so the output stays
+    64x64, as SAM's decoder expects), and a conv/LayerNorm2d neck maps 320 to 256 channels.
+    The classification head stays only because the official checkpoint stores it; it is not run.
+    """
+
+    def __init__(
+        self,
+        embed_dims: tuple[int, ...] = (64, 128, 160, 320),
+        depths: tuple[int, ...] = (2, 2, 6, 2),
+        num_heads: tuple[int, ...] = (2, 4, 5, 10),
+        window_sizes: tuple[int, ...] = (7, 7, 14, 7),
+        out_chans: int = PROMPT_EMBED_DIM,
+    ) -> None:
+        super().__init__(
+            num_classes=1000,
+            embed_dims=embed_dims,
+            depths=depths,
+            num_heads=num_heads,
+            window_sizes=window_sizes,
+            drop_path_rate=0.0,
+        )
+        self.img_size = IMAGE_SIZE  # SamPredictor reads image_encoder.img_size
+        _gather_attention_biases_every_call(self)
+        last_downsample = self.stages[-1].downsample
+        last_downsample.conv2.conv.stride = (1, 1)
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dims[-1], out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.neck(self.forward_features(x))
+
+
+def _gather_attention_biases_every_call(encoder: TinyVit) -> None:
+    """Make each timm TinyVit Attention gather its relative-position biases on every call.
+
+    Why: in eval mode timm caches the gathered biases in a dict. The cache goes stale when
+    weights change later (load_state_dict, a distillation step followed by eval), and
+    torch.export reports its filling as a side effect and freezes it as a constant.
+    The gather costs microseconds.
+    """
+    for module in encoder.modules():
+        if isinstance(module, TinyVitAttention):
+            module.get_attention_biases = types.MethodType(_gather_attention_biases, module)
+
+
+def _gather_attention_biases(self: TinyVitAttention, device: torch.device) -> torch.Tensor:
+    return self.attention_biases[:, self.attention_bias_idxs]
+
+
+def build_mobile_sam() -> Sam:
+    """MobileSAM with freshly initialised weights (seed them before calling)."""
+    embedding_size = EMBEDDING_SHAPE[-1]
+    return Sam(
+        image_encoder=MobileSamTinyViT(),
+        prompt_encoder=PromptEncoder(
+            embed_dim=PROMPT_EMBED_DIM,
+            image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(IMAGE_SIZE, IMAGE_SIZE),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=PROMPT_EMBED_DIM, mlp_dim=2048, num_heads=8),
+            transformer_dim=PROMPT_EMBED_DIM,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+        pixel_mean=list(PIXEL_MEAN),
+        pixel_std=list(PIXEL_STD),
+    )
+
+
+def build_model(model_type: ModelType) -> Sam:
+    """An untrained model of the given type: MobileSAM (`vit_t`) or a SAM teacher."""
+    if model_type == STUDENT_TYPE:
+        return build_mobile_sam()
+    if model_type in TEACHER_TYPES:
+        return sam_model_registry[model_type](checkpoint=None)
+    raise ValueError(f"unknown model type {model_type!r}; expected one of {MODEL_TYPES}")
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,64 @@
+"""Shared fixtures: seeded random weights in the official layouts and real COCO photos."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.datasets import CocoPhotos, default_dataset_dir
+
+
+def perturb_state_dict(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Seeded noise on every float tensor.
+
+    Upstream's init leaves attention biases at 0, BatchNorm at identity and many biases at 0;
+    a key mapped to the wrong same-shaped tensor would go unnoticed with those values.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in state.items():
+        if value.is_floating_point():
+            noise = torch.randn(value.shape, generator=generator) * 0.02
+            value = value.abs() + 0.5 + noise.abs() if key.endswith("running_var") else value + noise
+        out[key] = value.clone()
+    return out
+
+
+@pytest.fixture(scope="session")
+def upstream_mobile_sam():
+    """Upstream MobileSAM (mobilesam-mirror) with seeded random weights, and its state dict."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from mobile_sam import sam_model_registry
+    torch.manual_seed(0)
+    model = sam_model_registry["vit_t"]()
+    state = perturb_state_dict(model.state_dict(), seed=1)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), state
+
+
+@pytest.fixture(scope="session")
+def official_checkpoint(upstream_mobile_sam, tmp_path_factory) -> Path:
+    """A `mobile_sam.pt` in the official layout, written by upstream's own model."""
+    path = tmp_path_factory.mktemp("checkpoints") / "mobile_sam.pt"
+    torch.save(upstream_mobile_sam[1], path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def our_model(official_checkpoint):
+    from pipeline.checkpoints import load_model
+
+    model, _ = load_model("vit_t", official_checkpoint)
+    return model
+
+
+@pytest.fixture(scope="session")
+def photos() -> CocoPhotos:
+    root = default_dataset_dir()
+    if not (root / "instances.json").is_file():
+        pytest.fail(f"real photos missing: {root} (expected ../shared/data/coco-cc-train)")
+    return CocoPhotos.default()

@@ -1,0 +1,84 @@
+"""Both parts of the full MobileSAM pass torch.export(strict=True) and coremltools' converter."""
+
+from __future__ import annotations
+
+import coremltools as ct
+import numpy as np
+import pytest
+import torch
+
+from pipeline.contract import decoder_contract, encoder_contract
+from pipeline.export_wrappers import ImageEncoderForExport, PromptDecoderForExport
+
+
+def _decoder_example(num_points: int = 5) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.full((1, num_points), -1.0)
+    labels[0, :3] = torch.tensor([1.0, 2.0, 3.0])
+    return (
+        torch.randn(1, 256, 64, 64, generator=generator),
+        torch.rand(1, num_points, 2, generator=generator) * 1024,
+        labels,
+        torch.randn(1, 1, 256, 256, generator=generator),
+        torch.ones(1),
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(our_model):
+    encoder = ImageEncoderForExport(our_model).eval()
+    decoder = PromptDecoderForExport(our_model).eval()
+    image = (torch.rand(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0)) * 255,)
+    with torch.no_grad():
+        return {
+            "encoder": (encoder, image, torch.export.export(encoder, image, strict=True)),
+            "decoder": (decoder, _decoder_example(), torch.export.export(decoder, _decoder_example(), strict=True)),
+        }
+
+
+@pytest.mark.parametrize("part", ["encoder", "decoder"])
+def test_exported_program_equals_eager(exported, part):
+    module, args, program = exported[part]
+    with torch.no_grad():
+        eager = module(*args)
+        traced = program.module()(*args)
+    eager = eager if isinstance(eager, tuple) else (eager,)
+    traced = traced if isinstance(traced, tuple) else (traced,)
+    for a, b in zip(eager, traced, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_shapes_follow_contract(exported):
+    encoder, image, _ = exported["encoder"]
+    decoder, args, _ = exported["decoder"]
+    with torch.no_grad():
+        embeddings = encoder(*image)
+        masks, iou = decoder(*args)
+    assert tuple(embeddings.shape) == encoder_contract().outputs[0].shape
+    contract = decoder_contract(5)
+    assert tuple(masks.shape) == contract.spec("low_res_masks").shape
+    assert tuple(iou.shape) == contract.spec("iou_predictions").shape
+
+
+def test_has_mask_input_switches_mask_prompt(exported):
+    decoder, args, _ = exported["decoder"]
+    with torch.no_grad():
+        with_mask = decoder(*args)[0]
+        without = decoder(*args[:4], torch.zeros(1))[0]
+        zero_mask_off = decoder(*args[:3], torch.zeros_like(args[3]), torch.zeros(1))[0]
+    assert not torch.allclose(with_mask, without)
+    torch.testing.assert_close(without, zero_mask_off)
+
+
+@pytest.mark.parametrize("part", ["encoder", "decoder"])
+def test_coremltools_converts(exported, part):
+    _, _, program = exported[part]
+    model = ct.convert(
+        program.run_decompositions({}),
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS17,
+        compute_precision=ct.precision.FLOAT32,
+    )
+    ops = {op.type for op in model.get_spec().mlProgram.functions["main"].block_specializations["CoreML7"].operations}
+    assert "conv" in ops and "softmax" in ops
+    assert np.all([len(str(op)) > 0 for op in ops])
