@@ -1,4 +1,4 @@
-"""Sessions: `nox -s tests`, `nox -s lint` (more as stages land; see README).
+"""Sessions: `nox -s convert_executorch`, `nox -s tests`, `nox -s lint` (see README).
 
 Environments are reused and dependencies are installed only when pyproject.toml changes, so a
 second run of any session starts in seconds instead of reinstalling torch.
@@ -36,6 +36,17 @@ def tests(session: nox.Session) -> None:
     """The test suite (unit tests plus end-to-end tests on the full MobileSAM architecture)."""
     install_project(session, "test")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def convert_executorch(session: nox.Session) -> None:
+    """Encoder and prompt decoder to `.pte` (XNNPACK), fp32 and int8, plus a manifest.
+
+    Options after `--`: --config FILE, --checkpoint PATH, --out DIR, --num-points N,
+    --precisions fp32 int8, --calibration-images K.
+    """
+    install_project(session, "executorch")
+    session.run("python", "-m", "mobile_targets", "executorch", *session.posargs)
 
 
 @nox.session(python=PYTHON)

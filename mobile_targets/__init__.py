@@ -1,0 +1,27 @@
+"""Mobile targets. Each lives in its own module and is looked up by name, imported lazily so
+a missing converter package only matters for the target that needs it."""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from mobile_targets.base import Target
+from pipeline.errors import PipelineError
+
+TARGET_MODULES = {
+    "executorch": "mobile_targets.executorch_target",
+}
+
+
+def target_names() -> tuple[str, ...]:
+    return tuple(TARGET_MODULES)
+
+
+def get_target(name: str) -> Target:
+    if name not in TARGET_MODULES:
+        raise PipelineError(f"unknown target {name!r}; expected one of {', '.join(TARGET_MODULES)}")
+    try:
+        module = import_module(TARGET_MODULES[name])
+    except ImportError as error:
+        raise PipelineError(f"target {name} needs a package that is not installed: {error}") from None
+    return module.TARGET

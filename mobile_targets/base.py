@@ -1,0 +1,80 @@
+"""The small interface every target implements: convert a part, load a runner, describe itself.
+
+The conversion driver (`mobile_targets.convert`) and the validate stage only talk to targets
+through this, so a new target is one module plus one line in the registry.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.contract import PartContract
+
+
+@dataclass(frozen=True)
+class PartToConvert:
+    """One export wrapper with its contract and example inputs from a real photo."""
+
+    module: torch.nn.Module
+    contract: PartContract
+    example_inputs: tuple[torch.Tensor, ...]
+    calibration: tuple[tuple[torch.Tensor, ...], ...] = ()
+    """Real-photo inputs for post-training quantization (empty when a precision needs none)."""
+
+    @property
+    def name(self) -> str:
+        return self.contract.part
+
+
+class Runner(ABC):
+    """A converted file loaded in its runtime: named numpy inputs in, named outputs out."""
+
+    def __init__(self, path: Path, contract: PartContract) -> None:
+        self.path = Path(path)
+        self.contract = contract
+
+    @abstractmethod
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Inputs and outputs are keyed by the contract's names, float32."""
+
+    def ordered_inputs(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+        missing = [name for name in self.contract.input_names if name not in inputs]
+        if missing:
+            raise KeyError(f"{self.contract.part} runner is missing inputs {missing}")
+        return [np.ascontiguousarray(inputs[name], dtype=np.float32) for name in self.contract.input_names]
+
+
+class Target(ABC):
+    """A mobile format: its converter, its runtime, and what it supports."""
+
+    name: str
+    extension: str
+    precisions: tuple[str, ...]
+    runtime_name: str
+
+    @abstractmethod
+    def convert_part(self, part: PartToConvert, precision: str, path: Path) -> dict[str, Any]:
+        """Write `part` in `precision` to `path`; return details for the manifest."""
+
+    @abstractmethod
+    def load_runner(self, path: Path, contract: PartContract, threads: int | None = None) -> Runner:
+        """Load a converted file in this target's real runtime; one-line ArtifactError if unreadable."""
+
+    def tool_packages(self) -> Iterable[str]:
+        """PyPI packages whose versions go into the manifest."""
+        return ()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "target": self.name,
+            "extension": self.extension,
+            "precisions": list(self.precisions),
+            "runtime": self.runtime_name,
+        }
