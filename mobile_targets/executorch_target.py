@@ -45,6 +45,22 @@ def _quantize_int8(part: PartToConvert) -> torch.nn.Module:
     return convert_pt2e(prepared)
 
 
+def xnnpack_partitioner(precision: str) -> Any:
+    """XNNPACK's partitioner; for int8, without its constant-pad support.
+
+    Why: TinyViT pads windows (F.pad) on int8 tensors, and XNNPACK in ExecuTorch 1.5.1 accepts
+    the pad at partition time but fails to compile it ("Failed to create StaticConstantPad
+    node ... xnn_status_invalid_parameter"), so the program does not load. Left to the
+    portable kernels the pads run, at the cost of splitting the delegate into more segments.
+    """
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS, ConstantPadConfig
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    if precision != "int8":
+        return XnnpackPartitioner()
+    return XnnpackPartitioner(configs=[c for c in ALL_PARTITIONER_CONFIGS if c is not ConstantPadConfig])
+
+
 class ExecuTorchRunner(Runner):
     """A `.pte` loaded by `executorch.runtime` with the XNNPACK delegate."""
 
@@ -89,7 +105,6 @@ class ExecuTorchTarget(Target):
     runtime_name = "executorch.runtime (XNNPACK delegate)"
 
     def convert_part(self, part: PartToConvert, precision: str, path: Path) -> dict[str, Any]:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 
         if precision == "fp32":
@@ -100,7 +115,7 @@ class ExecuTorchTarget(Target):
             raise PipelineError(f"executorch does not support precision {precision!r}")
         with torch.no_grad():
             program = torch.export.export(module, part.example_inputs, strict=precision != "int8")
-        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        lowered = to_edge_transform_and_lower(program, partitioner=[xnnpack_partitioner(precision)])
         executorch_program = lowered.to_executorch()
         path.write_bytes(executorch_program.buffer)
         delegated, total = _delegation_summary(lowered)

@@ -52,7 +52,7 @@ class MobileSamTinyViT(TinyVit):
             drop_path_rate=0.0,
         )
         self.img_size = IMAGE_SIZE  # SamPredictor reads image_encoder.img_size
-        _gather_attention_biases_every_call(self)
+        _make_attention_export_friendly(self)
         last_downsample = self.stages[-1].downsample
         last_downsample.conv2.conv.stride = (1, 1)
         self.neck = nn.Sequential(
@@ -66,17 +66,21 @@ class MobileSamTinyViT(TinyVit):
         return self.neck(self.forward_features(x))
 
 
-def _gather_attention_biases_every_call(encoder: TinyVit) -> None:
-    """Make each timm TinyVit Attention gather its relative-position biases on every call.
+def _make_attention_export_friendly(encoder: TinyVit) -> None:
+    """Two patches to timm's TinyVit Attention, each needed by a converter or by correctness.
 
-    Why: in eval mode timm caches the gathered biases in a dict. The cache goes stale when
-    weights change later (load_state_dict, a distillation step followed by eval), and
-    torch.export reports its filling as a side effect and freezes it as a constant.
-    The gather costs microseconds.
+    1. Gather the relative-position biases on every call. In eval mode timm caches them in a
+       dict: the cache goes stale when weights change later (load_state_dict, a distillation
+       step then eval), and torch.export reports filling it as a side effect and freezes it.
+    2. Explicit attention (softmax(q k^T + bias) v) instead of F.scaled_dot_product_attention.
+       With a float mask, SDPA decomposes into logical_not/any/where ops that stay outside
+       XNNPACK after int8 quantization, and ExecuTorch 1.5.1 then fails to load the program
+       ("Failed to load method forward, error: 0x:1"). It is also upstream MobileSAM's order.
     """
     for module in encoder.modules():
         if isinstance(module, TinyVitAttention):
             module.get_attention_biases = types.MethodType(_gather_attention_biases, module)
+            module.fused_attn = False
 
 
 def _gather_attention_biases(self: TinyVitAttention, device: torch.device) -> torch.Tensor:
