@@ -1,4 +1,4 @@
-"""Sessions: `nox -s convert_executorch`, `nox -s tests`, `nox -s lint` (see README).
+"""Sessions: convert_executorch, convert_tflite, validate, tests, lint (see README).
 
 Environments are reused and dependencies are installed only when pyproject.toml changes, so a
 second run of any session starts in seconds instead of reinstalling torch.
@@ -47,6 +47,26 @@ def convert_executorch(session: nox.Session) -> None:
     """
     install_project(session, "executorch")
     session.run("python", "-m", "mobile_targets", "executorch", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def convert_tflite(session: nox.Session) -> None:
+    """Encoder and prompt decoder to `.tflite` (litert-torch), fp32, fp16 and int8, plus a manifest.
+
+    Options after `--`: as convert_executorch.
+    """
+    install_project(session, "tflite")
+    session.run("python", "-m", "mobile_targets", "tflite", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def validate(session: nox.Session) -> None:
+    """Every artifact under --out in its runtime, against PyTorch on real photos -> report.json.
+
+    Options after `--`: --out DIR, --images DIR --annotations FILE, --max-images K, --threads T.
+    """
+    install_project(session, "validate")
+    session.run("python", "-m", "validation", *session.posargs)
 
 
 @nox.session(python=PYTHON)

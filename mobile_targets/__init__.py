@@ -10,6 +10,7 @@ from pipeline.errors import PipelineError
 
 TARGET_MODULES = {
     "executorch": "mobile_targets.executorch_target",
+    "tflite": "mobile_targets.tflite_target",
 }
 
 

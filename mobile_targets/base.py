@@ -58,6 +58,8 @@ class Target(ABC):
     extension: str
     precisions: tuple[str, ...]
     runtime_name: str
+    calibrated_precisions: tuple[str, ...] = ()
+    """Precisions whose conversion needs real-photo calibration inputs."""
 
     @abstractmethod
     def convert_part(self, part: PartToConvert, precision: str, path: Path) -> dict[str, Any]:

@@ -120,7 +120,7 @@ def convert_target(target_name: str, config: RunConfig, calibration_images: int 
         )
     sam, weights = load_model(config.model_type, config.checkpoint, config.seed)
     photos = CocoPhotos.default()
-    needs_calibration = any(p in ("int8",) for p in precisions)
+    needs_calibration = any(p in target.calibrated_precisions for p in precisions)
     parts = build_parts(config, sam, photos, calibration_images if needs_calibration else 0)
     out = Path(config.out_dir) / target.name
     records = []

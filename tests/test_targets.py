@@ -1,5 +1,6 @@
-"""ExecuTorch end to end: convert the full MobileSAM, run the .pte files in ExecuTorch's runtime,
-compare with the PyTorch reference on real photos, and reject broken files with one line."""
+"""Each target end to end: convert the full MobileSAM, run the files in the target's real runtime
+(ExecuTorch's runtime, the LiteRT interpreter), compare with the PyTorch reference on real
+photos, and reject broken files with one line."""
 
 from __future__ import annotations
 
@@ -16,38 +17,57 @@ from pipeline.metrics import mask_iou, psnr_db
 from pipeline.predictor import ReferencePredictor
 from pipeline.processing import prepare_image, prompt_to_decoder_inputs, select_mask_index, upscale_masks
 
-pytest.importorskip("executorch")
+TARGETS = ("executorch", "tflite")
+EXTENSIONS = {"executorch": ".pte", "tflite": ".tflite"}
+# (target, precision, min embedding PSNR dB, min mask IoU vs PyTorch); quantized bounds sit under
+# what was measured with random weights, whose logits hug 0 (see README, validation).
+AGREEMENT = [
+    ("executorch", "fp32", 60.0, 0.99),
+    ("executorch", "int8", 15.0, 0.5),
+    ("tflite", "fp32", 60.0, 0.99),
+    ("tflite", "fp16", 40.0, 0.9),
+    ("tflite", "int8", 20.0, 0.5),
+]
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory, official_checkpoint):
+@pytest.fixture(scope="module", params=TARGETS)
+def converted(request, tmp_path_factory, official_checkpoint):
+    target = get_target(request.param)
     config = RunConfig(
-        checkpoint=official_checkpoint, precisions=("fp32", "int8"), out_dir=tmp_path_factory.mktemp("artifacts")
+        checkpoint=official_checkpoint, precisions=target.precisions, out_dir=tmp_path_factory.mktemp("artifacts")
     )
-    manifest_path = convert_target("executorch", config, calibration_images=2)
+    manifest_path = convert_target(request.param, config, calibration_images=2)
     return manifest_path, read_manifest(manifest_path)
 
 
-def test_manifest_lists_both_parts_in_both_precisions(converted):
+def test_manifest_lists_every_part_and_precision(converted):
     manifest_path, manifest = converted
+    target = get_target(manifest.target)
     found = {(a.part, a.precision) for a in manifest.artifacts}
-    assert found == {(p, q) for p in ("image_encoder", "prompt_decoder") for q in ("fp32", "int8")}
+    assert found == {(p, q) for p in ("image_encoder", "prompt_decoder") for q in target.precisions}
     assert not manifest.random_weights and manifest.weights["sha256"]
     for record in manifest.artifacts:
-        assert verify_artifact(manifest_path, record).suffix == ".pte"
-        assert record.details["xnnpack_delegated_nodes"] > 0
+        assert verify_artifact(manifest_path, record).suffix == EXTENSIONS[manifest.target]
         assert record.contract["part"] == record.part
+        assert record.details["conversion_seconds"] > 0 and record.details["gate"]
+        if manifest.target == "executorch":
+            assert record.details["xnnpack_delegated_nodes"] > 0
 
 
 def _load(manifest_path, manifest, part, precision):
     record = next(a for a in manifest.artifacts if a.part == part and a.precision == precision)
     contract = encoder_contract() if part == "image_encoder" else decoder_contract(5)
-    return get_target("executorch").load_runner(verify_artifact(manifest_path, record), contract, threads=2)
+    return get_target(manifest.target).load_runner(verify_artifact(manifest_path, record), contract, threads=2)
 
 
-@pytest.mark.parametrize(("precision", "min_psnr", "min_iou"), [("fp32", 60.0, 0.99), ("int8", 15.0, 0.5)])
-def test_runtime_agrees_with_pytorch_on_real_photos(converted, our_model, photos, precision, min_psnr, min_iou):
+def test_runtime_agrees_with_pytorch_on_real_photos(converted, our_model, photos):
     manifest_path, manifest = converted
+    for target, precision, min_psnr, min_iou in AGREEMENT:
+        if target == manifest.target:
+            _check_agreement(manifest_path, manifest, our_model, photos, precision, min_psnr, min_iou)
+
+
+def _check_agreement(manifest_path, manifest, our_model, photos, precision, min_psnr, min_iou):
     encoder = _load(manifest_path, manifest, "image_encoder", precision)
     decoder = _load(manifest_path, manifest, "prompt_decoder", precision)
     reference = ReferencePredictor(our_model)
@@ -66,7 +86,7 @@ def test_runtime_agrees_with_pytorch_on_real_photos(converted, our_model, photos
             logits = upscale_masks(outputs["low_res_masks"], prepared.input_size, prepared.original_size)
             selected = select_mask_index(outputs["iou_predictions"], multimask_output=False)
             ious.append(mask_iou(expected.mask, logits[selected] > 0))
-    print(f"executorch {precision}: mask IoU vs PyTorch min {min(ious):.4f} mean {np.mean(ious):.4f}")
+    print(f"{manifest.target} {precision}: mask IoU vs PyTorch min {min(ious):.4f} mean {np.mean(ious):.4f}")
     assert min(ious) >= min_iou
 
 
@@ -74,11 +94,12 @@ def test_corrupt_and_truncated_files_fail_with_one_line(converted, tmp_path):
     manifest_path, manifest = converted
     record = next(a for a in manifest.artifacts if a.part == "prompt_decoder" and a.precision == "fp32")
     data = verify_artifact(manifest_path, record).read_bytes()
-    target = get_target("executorch")
+    target = get_target(manifest.target)
+    suffix = EXTENSIONS[manifest.target]
     cases = {
-        "truncated.pte": data[: len(data) // 3],
-        "garbage.pte": b"not a program at all" * 10,
-        "flipped.pte": data[:8] + bytes(b ^ 0xFF for b in data[8:4096]) + data[4096:],
+        f"truncated{suffix}": data[: len(data) // 3],
+        f"garbage{suffix}": b"not a program at all" * 10,
+        f"flipped{suffix}": data[:8] + bytes(b ^ 0xFF for b in data[8:4096]) + data[4096:],
     }
     for name, content in cases.items():
         path = tmp_path / name

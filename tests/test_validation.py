@@ -1,0 +1,62 @@
+"""The validate stage on real photos: prompts from ground truth, metrics, and a broken artifact
+reported in one line while the others are still validated."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mobile_targets.convert import convert_target
+from pipeline.config import RunConfig
+from validation.prompts import PROMPT_KINDS, most_interior_pixel, prompt_cases
+from validation.run import ValidationSettings, confident_iou, confident_pixels, summary_rows, validate_run
+
+
+def test_prompt_cases_are_inside_the_instance_and_repeatable():
+    mask = np.zeros((40, 60), bool)
+    mask[10:30, 20:50] = True
+    cases = prompt_cases(1, 7, mask, (20, 10, 30, 20), seed=0)
+    assert [c.kind for c in cases] == list(PROMPT_KINDS)
+    assert most_interior_pixel(mask) in {(34, 19), (34, 20), (35, 19), (35, 20)}
+    for case in cases:
+        for (x, y), label in zip(case.points or [], case.labels or [], strict=True):
+            assert mask[int(y), int(x)] == (label == 1.0)
+    assert cases == prompt_cases(1, 7, mask, (20, 10, 30, 20), seed=0)
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory, official_checkpoint, photos):
+    out = tmp_path_factory.mktemp("validate")
+    convert_target("tflite", RunConfig(checkpoint=official_checkpoint, precisions=("fp32", "int8"), out_dir=out))
+    (out / "tflite" / "prompt_decoder_int8.tflite").write_bytes(b"broken")
+    settings = ValidationSettings(max_images=2, instances_per_image=2, latency_runs=3, warmup_runs=1)
+    return validate_run(out, photos, settings)
+
+
+def test_report_scores_every_artifact_and_isolates_the_broken_one(validated):
+    (run,) = validated["runs"]
+    assert not run["random_weights"]
+    by_name = {(a["part"], a["precision"]): a for a in run["artifacts"]}
+    assert "changed since conversion" in by_name[("prompt_decoder", "int8")]["error"]
+    encoder = by_name[("image_encoder", "fp32")]["agreement"]["embeddings"]
+    assert encoder["psnr_db_min"] > 60 and encoder["cosine_min"] > 0.9999
+    decoder = by_name[("prompt_decoder", "fp32")]["agreement"]
+    assert set(decoder) == set(PROMPT_KINDS)
+    for kind in PROMPT_KINDS:
+        assert decoder[kind]["mask_iou"]["min"] > 0.99
+        assert decoder[kind]["same_index_rate"] == 1.0
+    assert by_name[("image_encoder", "int8")]["latency"]["median_s"] > 0
+    assert len(run["prompt_cases"]) == 2 * 2 * len(PROMPT_KINDS)
+    rows = summary_rows(validated)
+    assert any("ERROR" in row[-1] for row in rows) and len(rows) == 4
+
+
+def test_confident_iou_ignores_near_zero_logits_and_is_nan_when_empty():
+    teacher = np.array([[-0.3, 0.05, 0.4], [0.02, -0.01, 0.3]])
+    confident = confident_pixels(teacher)
+    assert confident.tolist() == [[True, False, True], [False, False, True]]
+    flipped_near_zero = teacher > 0
+    flipped_near_zero[0, 1] = False  # a sign flip at 0.05 does not count
+    assert confident_iou(teacher > 0, flipped_near_zero, confident) == 1.0
+    assert confident_iou(teacher > 0, np.zeros_like(confident), confident) == 0.0
+    assert np.isnan(confident_iou(teacher > 0, teacher > 0, np.zeros_like(confident)))

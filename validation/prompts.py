@@ -1,0 +1,85 @@
+"""Prompts derived from ground-truth instance masks, recorded so a run can be repeated exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import distance_transform_edt
+
+from pipeline.processing import Prompt
+
+PROMPT_KINDS = ("center_point", "random_point", "box", "box_point", "multi_point")
+
+
+@dataclass(frozen=True)
+class PromptCase:
+    """One prompt on one instance, in JSON-friendly form."""
+
+    image_id: int
+    annotation_id: int
+    kind: str
+    points: list[list[float]] | None
+    labels: list[float] | None
+    box: list[float] | None
+
+    def prompt(self) -> Prompt:
+        return Prompt(
+            points=None if self.points is None else np.asarray(self.points, np.float32),
+            labels=None if self.labels is None else np.asarray(self.labels, np.float32),
+            box=None if self.box is None else np.asarray(self.box, np.float32),
+        )
+
+    @property
+    def multimask(self) -> bool:
+        """SAM's advice: three masks for a single ambiguous point, one otherwise."""
+        return self.kind in ("center_point", "random_point")
+
+
+def most_interior_pixel(mask: np.ndarray) -> tuple[int, int]:
+    """(x, y) of the pixel farthest from the mask's border."""
+    distance = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return int(x), int(y)
+
+
+def prompt_cases(
+    image_id: int, annotation_id: int, mask: np.ndarray, bbox: tuple[float, float, float, float], seed: int
+) -> list[PromptCase]:
+    """The five prompt kinds for one instance; random choices seeded by (seed, annotation id)."""
+    rng = np.random.default_rng([seed, annotation_id])
+    ys, xs = np.nonzero(mask)
+    center = most_interior_pixel(mask)
+    pick = rng.integers(len(xs))
+    random_point = (int(xs[pick]), int(ys[pick]))
+    x, y, w, h = bbox
+    box = [float(x), float(y), float(x + w), float(y + h)]
+    extra = rng.choice(len(xs), size=2, replace=len(xs) < 2)
+    background = _background_point(mask, rng)
+    multi = [list(center), [int(xs[extra[0]]), int(ys[extra[0]])], list(background)]
+
+    def case(kind: str, points: list | None, labels: list | None, with_box: bool) -> PromptCase:
+        return PromptCase(
+            image_id=image_id,
+            annotation_id=annotation_id,
+            kind=kind,
+            points=None if points is None else [[float(a), float(b)] for a, b in points],
+            labels=labels,
+            box=box if with_box else None,
+        )
+
+    return [
+        case("center_point", [center], [1.0], False),
+        case("random_point", [random_point], [1.0], False),
+        case("box", None, None, True),
+        case("box_point", [center], [1.0], True),
+        case("multi_point", multi, [1.0, 1.0, 0.0], False),
+    ]
+
+
+def _background_point(mask: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
+    ys, xs = np.nonzero(~mask)
+    if len(xs) == 0:
+        return 0, 0
+    pick = rng.integers(len(xs))
+    return int(xs[pick]), int(ys[pick])

@@ -1,0 +1,286 @@
+"""The validate stage: every artifact of a run in its own runtime, scored against PyTorch.
+
+Finds the manifests under the output folder, rebuilds the PyTorch reference from the weights
+each manifest names, loads every artifact through its target's runner, and measures agreement
+on real photos with prompts derived from ground-truth masks, plus size and warm latency.
+A missing or corrupt artifact becomes one line in the report; the others are still validated.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mobile_targets import get_target
+from pipeline.checkpoints import load_model
+from pipeline.datasets import CocoPhotos
+from pipeline.errors import PipelineError
+from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest, verify_artifact
+from pipeline.metrics import cosine_similarity, mask_iou, max_abs_error, psnr_db
+from pipeline.predictor import ReferencePredictor
+from pipeline.processing import PreparedImage, prompt_to_decoder_inputs, select_mask_index, upscale_masks
+from validation.prompts import PromptCase, prompt_cases
+
+log = logging.getLogger(__name__)
+
+CONFIDENT_MARGIN_IN_STD = 1.0
+"""The 'confident' IoU counts only pixels whose PyTorch logit is farther than this many standard
+deviations (of that mask's logits) from 0. With random weights the logits hug 0 (std about 0.1)
+and fp16/int8 rounding flips signs there without any conversion bug; a fixed margin such as
+0.5 would leave no pixel at all. With no confident pixel the value is NaN, never a free 1.0."""
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    max_images: int = 4
+    instances_per_image: int = 3
+    latency_runs: int = 10
+    warmup_runs: int = 2
+    threads: int = 2
+    seed: int = 0
+
+
+@dataclass
+class ReferenceImage:
+    image_id: int
+    prepared: PreparedImage
+    embeddings: np.ndarray
+    cases: list[tuple[PromptCase, dict[str, np.ndarray], Any]]  # case, decoder inputs, Prediction
+
+
+def build_reference(
+    predictor: ReferencePredictor, photos: CocoPhotos, settings: ValidationSettings
+) -> list[ReferenceImage]:
+    references = []
+    for image_id in tqdm(photos.image_ids()[: settings.max_images], desc="PyTorch reference", unit="photo"):
+        image = photos.image(image_id)
+        embeddings = predictor.set_image(image)
+        cases = []
+        for instance in photos.instances(image_id)[: settings.instances_per_image]:
+            if instance.mask.sum() == 0:
+                continue
+            for case in prompt_cases(image_id, instance.annotation_id, instance.mask, instance.bbox, settings.seed):
+                prediction = predictor.predict(case.prompt(), multimask_output=case.multimask)
+                inputs = prompt_to_decoder_inputs(case.prompt(), predictor.prepared.original_size, predictor.num_points)
+                cases.append((case, inputs, prediction))
+        references.append(ReferenceImage(image_id, predictor.prepared, embeddings, cases))
+    return references
+
+
+def time_runs(run: Callable[[], object], settings: ValidationSettings) -> dict[str, float]:
+    for _ in range(settings.warmup_runs):
+        run()
+    seconds = []
+    for _ in range(settings.latency_runs):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return {
+        "median_s": statistics.median(seconds),
+        "p90_s": float(np.percentile(seconds, 90)),
+        "runs": settings.latency_runs,
+    }
+
+
+def score_encoder(runner, references: list[ReferenceImage]) -> dict[str, Any]:
+    rows = []
+    for reference in references:
+        embeddings = runner.run({"image": reference.prepared.image})["image_embeddings"]
+        rows.append(
+            {
+                "psnr_db": psnr_db(reference.embeddings, embeddings),
+                "max_abs_error": max_abs_error(reference.embeddings, embeddings),
+                "cosine": cosine_similarity(reference.embeddings, embeddings),
+            }
+        )
+    return {
+        "embeddings": {
+            "psnr_db_min": min(r["psnr_db"] for r in rows),
+            "max_abs_error": max(r["max_abs_error"] for r in rows),
+            "cosine_min": min(r["cosine"] for r in rows),
+        },
+        "images": len(rows),
+    }
+
+
+def confident_pixels(teacher_logits: np.ndarray) -> np.ndarray:
+    return np.abs(teacher_logits) > CONFIDENT_MARGIN_IN_STD * float(np.std(teacher_logits))
+
+
+def confident_iou(teacher_mask: np.ndarray, test_mask: np.ndarray, confident: np.ndarray) -> float:
+    """IoU over confident pixels only; NaN where no confident pixel is foreground in either."""
+    union = np.logical_or(teacher_mask, test_mask) & confident
+    if not union.any():
+        return float("nan")
+    return float((teacher_mask & test_mask & confident).sum() / union.sum())
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    """mean, min and 5th percentile over the prompts where the value is defined."""
+    defined = np.asarray(values, dtype=np.float64)
+    defined = defined[~np.isnan(defined)]
+    if defined.size == 0:
+        return {"mean": float("nan"), "min": float("nan"), "p5": float("nan"), "defined": 0}
+    return {
+        "mean": float(defined.mean()),
+        "min": float(defined.min()),
+        "p5": float(np.percentile(defined, 5)),
+        "defined": int(defined.size),
+    }
+
+
+def score_decoder(runner, references: list[ReferenceImage]) -> dict[str, Any]:
+    per_kind: dict[str, dict[str, list[float]]] = {}
+    for reference in references:
+        for case, inputs, expected in reference.cases:
+            outputs = runner.run({"image_embeddings": reference.embeddings, **inputs})
+            logits = upscale_masks(
+                outputs["low_res_masks"], reference.prepared.input_size, reference.prepared.original_size
+            )
+            selected = select_mask_index(outputs["iou_predictions"], case.multimask)
+            confident = confident_pixels(expected.mask_logits[expected.selected])
+            row = per_kind.setdefault(case.kind, {})
+            for key, value in (
+                ("mask_iou", mask_iou(expected.mask, logits[selected] > 0)),
+                (
+                    "mask_iou_all4",
+                    float(np.mean([mask_iou(expected.mask_logits[i] > 0, logits[i] > 0) for i in range(4)])),
+                ),
+                ("mask_iou_confident", confident_iou(expected.mask, logits[expected.selected] > 0, confident)),
+                ("same_index", float(selected == expected.selected)),
+                ("logits_psnr_db", psnr_db(expected.low_res_masks, outputs["low_res_masks"])),
+                ("logits_max_abs_error", max_abs_error(expected.low_res_masks, outputs["low_res_masks"])),
+                ("iou_predictions_max_abs_error", max_abs_error(expected.iou_predictions, outputs["iou_predictions"])),
+            ):
+                row.setdefault(key, []).append(value)
+    return {
+        kind: {
+            "prompts": len(values["mask_iou"]),
+            "mask_iou": _summary(values["mask_iou"]),
+            "mask_iou_all4": _summary(values["mask_iou_all4"]),
+            "mask_iou_confident": _summary(values["mask_iou_confident"]),
+            "same_index_rate": float(np.mean(values["same_index"])),
+            "logits_psnr_db_min": float(np.min(values["logits_psnr_db"])),
+            "logits_max_abs_error": float(np.max(values["logits_max_abs_error"])),
+            "iou_predictions_max_abs_error": float(np.max(values["iou_predictions_max_abs_error"])),
+        }
+        for kind, values in per_kind.items()
+    }
+
+
+def validate_artifact(
+    manifest_path: Path,
+    manifest: Manifest,
+    record: ArtifactRecord,
+    references: list[ReferenceImage],
+    settings: ValidationSettings,
+) -> dict[str, Any]:
+    from pipeline.contract import decoder_contract, encoder_contract
+
+    result: dict[str, Any] = {
+        "target": record.target,
+        "part": record.part,
+        "precision": record.precision,
+        "file": str(Path(manifest_path).parent / record.file),
+        "bytes": record.bytes,
+    }
+    try:
+        path = verify_artifact(manifest_path, record)
+        contract = (
+            encoder_contract() if record.part == "image_encoder" else decoder_contract(manifest.config["num_points"])
+        )
+        start = time.perf_counter()
+        runner = get_target(record.target).load_runner(path, contract, threads=settings.threads)
+        result["load_s"] = time.perf_counter() - start
+    except PipelineError as error:
+        result["error"] = str(error)
+        return result
+    first = references[0]
+    if record.part == "image_encoder":
+        result["agreement"] = score_encoder(runner, references)
+        example = {"image": first.prepared.image}
+    else:
+        result["agreement"] = score_decoder(runner, references)
+        example = {"image_embeddings": first.embeddings, **first.cases[0][1]}
+    result["latency"] = time_runs(lambda: runner.run(example), settings)
+    return result
+
+
+def pytorch_latency(
+    predictor: ReferencePredictor, first: ReferenceImage, settings: ValidationSettings
+) -> dict[str, Any]:
+    image = torch.from_numpy(first.prepared.image)
+    inputs = {"image_embeddings": first.embeddings, **first.cases[0][1]}
+    with torch.inference_mode():
+        encoder = time_runs(lambda: predictor.encoder(image), settings)
+    decoder = time_runs(lambda: predictor.decode(inputs), settings)
+    return {"image_encoder": encoder, "prompt_decoder": decoder}
+
+
+def validate_run(out_dir: Path, photos: CocoPhotos, settings: ValidationSettings) -> dict[str, Any]:
+    manifests = find_manifests(out_dir)
+    if not manifests:
+        raise PipelineError(
+            f"no manifests under {out_dir}; run a convert session first (expected {out_dir}/<target>/manifest.json)"
+        )
+    torch.set_num_threads(settings.threads)
+    report: dict[str, Any] = {"settings": asdict(settings), "runs": []}
+    for manifest_path in manifests:
+        manifest = read_manifest(manifest_path)
+        weights = manifest.weights
+        sam, source = load_model(
+            weights["model_type"], weights["checkpoint"] and Path(weights["checkpoint"]), weights["seed"] or 0
+        )
+        predictor = ReferencePredictor(sam, num_points=manifest.config["num_points"])
+        references = build_reference(predictor, photos, settings)
+        run = {
+            "manifest": str(manifest_path),
+            "target": manifest.target,
+            "weights": source.describe(),
+            "random_weights": source.is_random,
+            "prompt_cases": [asdict(case) for ref in references for case, _, _ in ref.cases],
+            "pytorch_latency": pytorch_latency(predictor, references[0], settings),
+            "artifacts": [],
+        }
+        for record in tqdm(manifest.artifacts, desc=f"{manifest.target} artifacts", unit="file"):
+            run["artifacts"].append(validate_artifact(manifest_path, manifest, record, references, settings))
+        report["runs"].append(run)
+    return report
+
+
+def summary_rows(report: dict[str, Any]) -> list[list[str]]:
+    """One row per artifact: size, latency ratio to PyTorch, agreement."""
+    rows = []
+    for run in report["runs"]:
+        for artifact in run["artifacts"]:
+            name = f"{artifact['target']} {artifact['part']} {artifact['precision']}"
+            if "error" in artifact:
+                rows.append([name, f"{artifact['bytes'] / 1e6:.1f}", "-", "-", f"ERROR: {artifact['error']}"])
+                continue
+            baseline = run["pytorch_latency"][artifact["part"]]["median_s"]
+            median = artifact["latency"]["median_s"]
+            agreement = artifact["agreement"]
+            if artifact["part"] == "image_encoder":
+                quality = (
+                    f"embeddings PSNR {agreement['embeddings']['psnr_db_min']:.1f} dB, "
+                    f"max abs {agreement['embeddings']['max_abs_error']:.2e}"
+                )
+            else:
+                quality = "; ".join(
+                    f"{kind} IoU {v['mask_iou']['mean']:.3f}/{v['mask_iou']['min']:.3f} "
+                    f"conf {v['mask_iou_confident']['mean']:.3f} PSNR {v['logits_psnr_db_min']:.1f}"
+                    for kind, v in agreement.items()
+                )
+            rows.append(
+                [name, f"{artifact['bytes'] / 1e6:.1f}", f"{median * 1000:.0f}", f"{median / baseline:.2f}", quality]
+            )
+    return rows
