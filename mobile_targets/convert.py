@@ -23,7 +23,7 @@ from pipeline.datasets import CocoPhotos
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.export_wrappers import ImageEncoderForExport, PromptDecoderForExport
 from pipeline.files import atomic_produce
-from pipeline.manifest import ArtifactRecord, Manifest, tool_versions
+from pipeline.manifest import MANIFEST_NAME, ArtifactRecord, Manifest, read_manifest, tool_versions, verify_artifact
 from pipeline.metrics import max_abs_error, psnr_db
 from pipeline.processing import Prompt, prepare_image, prompt_to_decoder_inputs
 
@@ -109,6 +109,37 @@ def convert_one(target: Target, part: PartToConvert, precision: str, path: Path)
     return details
 
 
+def kept_earlier_records(
+    out: Path, weights: dict, config: RunConfig, new_records: list[ArtifactRecord]
+) -> list[ArtifactRecord]:
+    """Records of an earlier run in the same folder that this run did not redo.
+
+    A run limited to some precisions must not drop the other files from the manifest. Only
+    records made from the same weights and N, whose files still match their hash, are kept.
+    """
+    path = out / MANIFEST_NAME
+    if not path.exists():
+        return []
+    try:
+        earlier = read_manifest(path)
+    except ArtifactError as error:
+        log.warning("ignoring the earlier manifest: %s", error)
+        return []
+    if earlier.weights != weights or earlier.config.get("num_points") != config.num_points:
+        return []
+    redone = {(r.part, r.precision) for r in new_records}
+    kept = []
+    for record in earlier.artifacts:
+        if (record.part, record.precision) in redone:
+            continue
+        try:
+            verify_artifact(path, record)
+        except ArtifactError:
+            continue
+        kept.append(record)
+    return kept
+
+
 def convert_target(target_name: str, config: RunConfig, calibration_images: int = 8) -> Path:
     """Convert both parts in every precision the target supports; returns the manifest path."""
     target = get_target(target_name)
@@ -149,8 +180,8 @@ def convert_target(target_name: str, config: RunConfig, calibration_images: int 
         weights=weights.to_json(),
         config=config.to_json(),
         tool_versions=tool_versions(*target.tool_packages()),
-        artifacts=tuple(records),
+        artifacts=tuple(kept_earlier_records(out, weights.to_json(), config, records) + records),
     )
     manifest_path = manifest.write(out)
-    print(f"wrote {manifest_path} ({len(records)} artifacts; weights: {weights.describe()})")
+    print(f"wrote {manifest_path} ({len(manifest.artifacts)} artifacts; weights: {weights.describe()})")
     return manifest_path

@@ -84,3 +84,27 @@ def test_failed_produce_keeps_earlier_artifact(tmp_path):
         atomic_produce(target, broken)
     assert target.read_bytes() == b"good"
     assert [p.name for p in tmp_path.iterdir()] == ["model.pte"]
+
+
+def test_partial_run_keeps_earlier_files_of_the_same_weights(tmp_path):
+    from mobile_targets.convert import kept_earlier_records
+
+    out = tmp_path / "tflite"
+    out.mkdir()
+    weights = WeightsSource("vit_t", None, None, 0).to_json()
+
+    def record(name: str, precision: str) -> ArtifactRecord:
+        path = out / name
+        path.write_bytes(name.encode())
+        return ArtifactRecord.describe_file(
+            path, out, part="image_encoder", target="tflite", precision=precision, contract={}
+        )
+
+    fp32, int8 = record("enc_fp32.tflite", "fp32"), record("enc_int8.tflite", "int8")
+    Manifest("tflite", weights, RunConfig().to_json(), {}, (fp32, int8)).write(out)
+    new_int8 = record("enc_int8.tflite", "int8")
+    assert kept_earlier_records(out, weights, RunConfig(), [new_int8]) == [fp32]
+    other_weights = WeightsSource("vit_t", None, None, 1).to_json()
+    assert kept_earlier_records(out, other_weights, RunConfig(), [new_int8]) == []
+    (out / "enc_fp32.tflite").write_bytes(b"changed")
+    assert kept_earlier_records(out, weights, RunConfig(), [new_int8]) == []
