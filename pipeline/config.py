@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,8 @@ class RunConfig:
     targets: tuple[str, ...] = ()
     precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
     out_dir: Path = Path("artifacts")
+    gates: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Validation gate overrides per precision (`[gates.int8]` in TOML); see validation.gates."""
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -49,6 +51,7 @@ class RunConfig:
             "targets": list(self.targets),
             "precisions": list(self.precisions),
             "out_dir": str(self.out_dir),
+            "gates": self.gates,
         }
 
 

@@ -8,8 +8,17 @@ import pytest
 
 from mobile_targets.convert import convert_target
 from pipeline.config import RunConfig
+from pipeline.errors import ConfigError
+from validation.gates import DEFAULT_GATES, gate_failures, gates_from_config
 from validation.prompts import PROMPT_KINDS, most_interior_pixel, prompt_cases
-from validation.run import ValidationSettings, confident_iou, confident_pixels, summary_rows, validate_run
+from validation.run import (
+    ValidationSettings,
+    confident_iou,
+    confident_pixels,
+    failed_artifacts,
+    summary_rows,
+    validate_run,
+)
 
 
 def test_prompt_cases_are_inside_the_instance_and_repeatable():
@@ -49,6 +58,24 @@ def test_report_scores_every_artifact_and_isolates_the_broken_one(validated):
     assert len(run["prompt_cases"]) == 2 * 2 * len(PROMPT_KINDS)
     rows = summary_rows(validated)
     assert any("ERROR" in row[-1] for row in rows) and len(rows) == 4
+    assert by_name[("prompt_decoder", "fp32")]["gate"] == {"passed": True, "failures": []}
+    (failed,) = failed_artifacts(validated)
+    assert failed.startswith("tflite prompt_decoder int8: ") and "changed since conversion" in failed
+
+
+def test_gates_fail_below_threshold_and_read_overrides():
+    artifact = {
+        "part": "image_encoder",
+        "agreement": {"embeddings": {"psnr_db_min": 30.0}},
+    }
+    assert gate_failures(artifact, DEFAULT_GATES["int8"]) == []
+    assert gate_failures(artifact, DEFAULT_GATES["fp16"]) == ["embeddings PSNR 30.0 dB < 40.0"]
+    gates = gates_from_config({"int8": {"embeddings_psnr_db": 31.0}})
+    assert (
+        gates["int8"].embeddings_psnr_db == 31.0 and gates["int8"].mask_iou_mean == DEFAULT_GATES["int8"].mask_iou_mean
+    )
+    with pytest.raises(ConfigError, match="unknown keys"):
+        gates_from_config({"int8": {"psnr": 1.0}})
 
 
 def test_confident_iou_ignores_near_zero_logits_and_is_nan_when_empty():

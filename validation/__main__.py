@@ -1,15 +1,20 @@
-"""`python -m validation [--out DIR] [--images DIR --annotations FILE] [--max-images K] [--threads T]`"""
+"""`python -m validation [--out DIR] [--config FILE] [--images DIR --annotations FILE] [--max-images K]`
+
+Exits non-zero, naming each artifact, when any artifact is missing, unloadable, or below its gate.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from pipeline.cli import run_main, setup_logging
 from pipeline.config import add_run_arguments, config_from_args
 from pipeline.datasets import CocoPhotos
-from pipeline.files import atomic_write_json
-from validation.run import ValidationSettings, summary_rows, validate_run
+from pipeline.files import atomic_write_bytes, atomic_write_json
+from validation.gates import gates_from_config
+from validation.run import ValidationSettings, failed_artifacts, summary_markdown, validate_run
 
 
 def main() -> int:
@@ -26,23 +31,17 @@ def main() -> int:
         parser.error("--images and --annotations go together")
     photos = CocoPhotos(args.images, args.annotations) if args.images else CocoPhotos.default()
     settings = ValidationSettings(max_images=args.max_images, threads=args.threads, seed=config.seed)
-    report = validate_run(Path(config.out_dir), photos, settings)
-    report_path = Path(config.out_dir) / "report.json"
-    atomic_write_json(report_path, report)
-    header = ["artifact", "MB", "ms (median)", "x PyTorch", "agreement (IoU mean/min, confident IoU, logits PSNR)"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in summary_rows(report):
-        print("| " + " | ".join(row) + " |")
-    for run in report["runs"]:
-        print(
-            f"{run['target']}: weights {run['weights']}; PyTorch eager median "
-            f"encoder {run['pytorch_latency']['image_encoder']['median_s'] * 1000:.0f} ms, "
-            f"decoder {run['pytorch_latency']['prompt_decoder']['median_s'] * 1000:.0f} ms"
-        )
-    print(f"wrote {report_path}")
-    failed = [a for run in report["runs"] for a in run["artifacts"] if "error" in a]
-    return 1 if failed else 0
+    report = validate_run(Path(config.out_dir), photos, settings, gates_from_config(config.gates))
+    out = Path(config.out_dir)
+    summary = summary_markdown(report)
+    atomic_write_json(out / "report.json", report)
+    atomic_write_bytes(out / "report.md", f"# Validation report\n\n{summary}\n".encode())
+    print(summary)
+    print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
+    failures = failed_artifacts(report)
+    for line in failures:
+        print(f"below its gate: {line}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

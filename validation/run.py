@@ -28,7 +28,10 @@ from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_man
 from pipeline.metrics import cosine_similarity, mask_iou, max_abs_error, psnr_db
 from pipeline.predictor import ReferencePredictor
 from pipeline.processing import PreparedImage, prompt_to_decoder_inputs, select_mask_index, upscale_masks
+from validation.gates import DEFAULT_GATES, Gate, gate_failures
 from validation.prompts import PromptCase, prompt_cases
+
+REPORT_SCHEMA_VERSION = 1
 
 log = logging.getLogger(__name__)
 
@@ -226,14 +229,22 @@ def pytorch_latency(
     return {"image_encoder": encoder, "prompt_decoder": decoder}
 
 
-def validate_run(out_dir: Path, photos: CocoPhotos, settings: ValidationSettings) -> dict[str, Any]:
+def validate_run(
+    out_dir: Path, photos: CocoPhotos, settings: ValidationSettings, gates: dict[str, Gate] | None = None
+) -> dict[str, Any]:
     manifests = find_manifests(out_dir)
     if not manifests:
         raise PipelineError(
             f"no manifests under {out_dir}; run a convert session first (expected {out_dir}/<target>/manifest.json)"
         )
     torch.set_num_threads(settings.threads)
-    report: dict[str, Any] = {"settings": asdict(settings), "runs": []}
+    gates = gates or DEFAULT_GATES
+    report: dict[str, Any] = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "settings": asdict(settings),
+        "gates": {precision: asdict(gate) for precision, gate in gates.items()},
+        "runs": [],
+    }
     for manifest_path in manifests:
         manifest = read_manifest(manifest_path)
         weights = manifest.weights
@@ -252,19 +263,55 @@ def validate_run(out_dir: Path, photos: CocoPhotos, settings: ValidationSettings
             "artifacts": [],
         }
         for record in tqdm(manifest.artifacts, desc=f"{manifest.target} artifacts", unit="file"):
-            run["artifacts"].append(validate_artifact(manifest_path, manifest, record, references, settings))
+            result = validate_artifact(manifest_path, manifest, record, references, settings)
+            failures = gate_failures(result, gates[record.precision])
+            result["gate"] = {"passed": not failures, "failures": failures}
+            run["artifacts"].append(result)
         report["runs"].append(run)
     return report
 
 
+SUMMARY_HEADER = (
+    "artifact",
+    "MB",
+    "ms (median)",
+    "x PyTorch",
+    "gate",
+    "agreement (IoU mean/min, confident IoU, logits PSNR)",
+)
+
+
+def failed_artifacts(report: dict[str, Any]) -> list[str]:
+    """One line per artifact below its gate (or not loadable), naming it and why."""
+    return [
+        f"{a['target']} {a['part']} {a['precision']}: {'; '.join(a['gate']['failures'])}"
+        for run in report["runs"]
+        for a in run["artifacts"]
+        if not a["gate"]["passed"]
+    ]
+
+
+def summary_markdown(report: dict[str, Any]) -> str:
+    lines = ["| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(report)]
+    for run in report["runs"]:
+        encoder_ms = run["pytorch_latency"]["image_encoder"]["median_s"] * 1000
+        decoder_ms = run["pytorch_latency"]["prompt_decoder"]["median_s"] * 1000
+        lines.append(
+            f"\n{run['target']}: weights {run['weights']}; PyTorch eager median encoder {encoder_ms:.0f} ms, "
+            f"decoder {decoder_ms:.0f} ms"
+        )
+    return "\n".join(lines)
+
+
 def summary_rows(report: dict[str, Any]) -> list[list[str]]:
-    """One row per artifact: size, latency ratio to PyTorch, agreement."""
+    """One row per artifact: size, latency ratio to PyTorch, gate, agreement."""
     rows = []
     for run in report["runs"]:
         for artifact in run["artifacts"]:
             name = f"{artifact['target']} {artifact['part']} {artifact['precision']}"
             if "error" in artifact:
-                rows.append([name, f"{artifact['bytes'] / 1e6:.1f}", "-", "-", f"ERROR: {artifact['error']}"])
+                rows.append([name, f"{artifact['bytes'] / 1e6:.1f}", "-", "-", "FAIL", f"ERROR: {artifact['error']}"])
                 continue
             baseline = run["pytorch_latency"][artifact["part"]]["median_s"]
             median = artifact["latency"]["median_s"]
@@ -280,7 +327,7 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
                     f"conf {v['mask_iou_confident']['mean']:.3f} PSNR {v['logits_psnr_db_min']:.1f}"
                     for kind, v in agreement.items()
                 )
-            rows.append(
-                [name, f"{artifact['bytes'] / 1e6:.1f}", f"{median * 1000:.0f}", f"{median / baseline:.2f}", quality]
-            )
+            gate = "pass" if artifact["gate"]["passed"] else "FAIL"
+            size = f"{artifact['bytes'] / 1e6:.1f}"
+            rows.append([name, size, f"{median * 1000:.0f}", f"{median / baseline:.2f}", gate, quality])
     return rows
