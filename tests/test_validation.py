@@ -10,6 +10,7 @@ from mobile_targets.convert import convert_target
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from validation.gates import DEFAULT_GATES, gate_failures, gates_from_config
+from validation.html_report import write_html
 from validation.prompts import PROMPT_KINDS, most_interior_pixel, prompt_cases
 from validation.run import (
     ValidationSettings,
@@ -39,10 +40,14 @@ def validated(tmp_path_factory, official_checkpoint, photos):
     convert_target("tflite", RunConfig(checkpoint=official_checkpoint, precisions=("fp32", "int8"), out_dir=out))
     (out / "tflite" / "prompt_decoder_int8.tflite").write_bytes(b"broken")
     settings = ValidationSettings(max_images=2, instances_per_image=2, latency_runs=3, warmup_runs=1)
-    return validate_run(out, photos, settings)
+    masks: dict = {}
+    report = validate_run(out, photos, settings, None, masks)
+    write_html(report, photos, masks, out / "report.html")
+    return report, masks, out
 
 
 def test_report_scores_every_artifact_and_isolates_the_broken_one(validated):
+    validated, masks, out = validated
     (run,) = validated["runs"]
     assert not run["random_weights"]
     by_name = {(a["part"], a["precision"]): a for a in run["artifacts"]}
@@ -61,6 +66,11 @@ def test_report_scores_every_artifact_and_isolates_the_broken_one(validated):
     assert by_name[("prompt_decoder", "fp32")]["gate"] == {"passed": True, "failures": []}
     (failed,) = failed_artifacts(validated)
     assert failed.startswith("tflite prompt_decoder int8: ") and "changed since conversion" in failed
+    assert set(masks) == {"tflite pytorch", "tflite prompt_decoder fp32", "tflite prompt_decoder int8"}
+    assert all(np.array_equal(masks["tflite pytorch"][i], m) for i, m in masks["tflite prompt_decoder fp32"].items())
+    assert masks["tflite prompt_decoder int8"] == {}  # the broken file gave no masks
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "random init, seed" not in page
 
 
 def test_gates_fail_below_threshold_and_read_overrides():

@@ -14,6 +14,7 @@ from pipeline.config import add_run_arguments, config_from_args
 from pipeline.datasets import CocoPhotos
 from pipeline.files import atomic_write_bytes, atomic_write_json
 from validation.gates import gates_from_config
+from validation.html_report import write_html
 from validation.run import ValidationSettings, failed_artifacts, summary_markdown, validate_run
 
 
@@ -31,13 +32,15 @@ def main() -> int:
         parser.error("--images and --annotations go together")
     photos = CocoPhotos(args.images, args.annotations) if args.images else CocoPhotos.default()
     settings = ValidationSettings(max_images=args.max_images, threads=args.threads, seed=config.seed)
-    report = validate_run(Path(config.out_dir), photos, settings, gates_from_config(config.gates))
+    masks: dict = {}
+    report = validate_run(Path(config.out_dir), photos, settings, gates_from_config(config.gates), masks)
     out = Path(config.out_dir)
     summary = summary_markdown(report)
     atomic_write_json(out / "report.json", report)
     atomic_write_bytes(out / "report.md", f"# Validation report\n\n{summary}\n".encode())
     print(summary)
-    print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
+    write_html(report, photos, masks, out / "report.html")
+    print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {out / 'report.html'}")
     failures = failed_artifacts(report)
     for line in failures:
         print(f"below its gate: {line}", file=sys.stderr)

@@ -141,15 +141,28 @@ def _summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def score_decoder(runner, references: list[ReferenceImage]) -> dict[str, Any]:
+OVERLAY_KIND = "box_point"
+OVERLAY_IMAGES = 3
+"""The HTML report shows, for the first photos, the first instance's box+point mask."""
+
+
+def is_overlay_case(reference_index: int, reference: ReferenceImage, case: PromptCase) -> bool:
+    first = next((c for c, _, _ in reference.cases if c.kind == OVERLAY_KIND), None)
+    return reference_index < OVERLAY_IMAGES and case is first
+
+
+def score_decoder(runner, references: list[ReferenceImage], overlays: dict | None = None) -> dict[str, Any]:
+    """Agreement per prompt kind; the overlay cases' masks go into `overlays` (image id -> mask)."""
     per_kind: dict[str, dict[str, list[float]]] = {}
-    for reference in references:
+    for index, reference in enumerate(references):
         for case, inputs, expected in reference.cases:
             outputs = runner.run({"image_embeddings": reference.embeddings, **inputs})
             logits = upscale_masks(
                 outputs["low_res_masks"], reference.prepared.input_size, reference.prepared.original_size
             )
             selected = select_mask_index(outputs["iou_predictions"], case.multimask)
+            if overlays is not None and is_overlay_case(index, reference, case):
+                overlays[reference.image_id] = logits[selected] > 0
             confident = confident_pixels(expected.mask_logits[expected.selected])
             row = per_kind.setdefault(case.kind, {})
             for key, value in (
@@ -186,6 +199,7 @@ def validate_artifact(
     record: ArtifactRecord,
     references: list[ReferenceImage],
     settings: ValidationSettings,
+    overlays: dict | None = None,
 ) -> dict[str, Any]:
     from pipeline.contract import decoder_contract, encoder_contract
 
@@ -212,7 +226,7 @@ def validate_artifact(
         result["agreement"] = score_encoder(runner, references)
         example = {"image": first.prepared.image}
     else:
-        result["agreement"] = score_decoder(runner, references)
+        result["agreement"] = score_decoder(runner, references, overlays)
         example = {"image_embeddings": first.embeddings, **first.cases[0][1]}
     result["latency"] = time_runs(lambda: runner.run(example), settings)
     return result
@@ -230,8 +244,14 @@ def pytorch_latency(
 
 
 def validate_run(
-    out_dir: Path, photos: CocoPhotos, settings: ValidationSettings, gates: dict[str, Gate] | None = None
+    out_dir: Path,
+    photos: CocoPhotos,
+    settings: ValidationSettings,
+    gates: dict[str, Gate] | None = None,
+    overlays: dict[str, dict[int, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
+    """The report; when `overlays` is given it receives masks for the HTML report, keyed by
+    "<target> pytorch" or "<target> <part> <precision>", then by image id."""
     manifests = find_manifests(out_dir)
     if not manifests:
         raise PipelineError(
@@ -262,8 +282,18 @@ def validate_run(
             "pytorch_latency": pytorch_latency(predictor, references[0], settings),
             "artifacts": [],
         }
+        if overlays is not None:
+            overlays[f"{manifest.target} pytorch"] = {
+                ref.image_id: prediction.mask
+                for i, ref in enumerate(references)
+                for case, _, prediction in ref.cases
+                if is_overlay_case(i, ref, case)
+            }
         for record in tqdm(manifest.artifacts, desc=f"{manifest.target} artifacts", unit="file"):
-            result = validate_artifact(manifest_path, manifest, record, references, settings)
+            sink = None
+            if overlays is not None and record.part == "prompt_decoder":
+                sink = overlays.setdefault(f"{record.target} {record.part} {record.precision}", {})
+            result = validate_artifact(manifest_path, manifest, record, references, settings, sink)
             failures = gate_failures(result, gates[record.precision])
             result["gate"] = {"passed": not failures, "failures": failures}
             run["artifacts"].append(result)

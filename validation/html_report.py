@@ -1,0 +1,135 @@
+"""report.html: the summary table, latency and size plots, and mask overlays (PyTorch beside
+each decoder artifact on a few photos), with every picture embedded so the file stands alone."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from pipeline.datasets import CocoPhotos
+from pipeline.files import atomic_write_bytes
+from validation.run import OVERLAY_KIND, SUMMARY_HEADER, summary_rows
+
+MASK_COLOUR = np.array([30, 144, 255], dtype=np.float32)
+DISAGREEMENT_COLOUR = np.array([255, 0, 0], dtype=np.float32)
+
+
+def _png(figure: plt.Figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _overlay(image: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Mask in blue over a dimmed photo; pixels where it disagrees with PyTorch in red."""
+    shaded = 0.6 * image.astype(np.float32)
+    shaded[mask] = 0.3 * shaded[mask] + 0.7 * MASK_COLOUR
+    shaded[mask != reference] = DISAGREEMENT_COLOUR
+    return shaded.astype(np.uint8)
+
+
+def _draw_prompt(axis: plt.Axes, case: dict[str, Any] | None) -> None:
+    if case is None:
+        return
+    if case["box"]:
+        x0, y0, x1, y1 = case["box"]
+        axis.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="yellow", lw=1.5))
+    for (x, y), label in zip(case["points"] or [], case["labels"] or [], strict=True):
+        axis.plot(x, y, marker="*", markersize=11, color="lime" if label == 1 else "red", markeredgecolor="black")
+
+
+def overlay_figure(photos: CocoPhotos, masks: dict[str, dict[int, np.ndarray]], run: dict[str, Any]) -> str | None:
+    """One row per photo: PyTorch's mask, then each decoder artifact of the run's target."""
+    target = run["target"]
+    reference = masks.get(f"{target} pytorch", {})
+    columns = [name for name in masks if name.startswith(f"{target} prompt_decoder")]
+    if not reference or not columns:
+        return None
+    image_ids = sorted(reference)
+    figure, axes = plt.subplots(
+        len(image_ids), 1 + len(columns), figsize=(5 * (1 + len(columns)), 4 * len(image_ids)), squeeze=False
+    )
+    for row, image_id in enumerate(image_ids):
+        image = photos.image(image_id)
+        case = next((c for c in run["prompt_cases"] if c["image_id"] == image_id and c["kind"] == OVERLAY_KIND), None)
+        for col, name in enumerate([f"{target} pytorch", *columns]):
+            axis = axes[row][col]
+            mask = masks[name].get(image_id)
+            axis.imshow(_overlay(image, mask, reference[image_id]) if mask is not None else image)
+            _draw_prompt(axis, case)
+            label = "PyTorch" if col == 0 else name.split()[-1]
+            if mask is not None and col > 0:
+                label += f": {int((mask != reference[image_id]).sum())} pixels differ"
+            axis.set_title(f"photo {image_id}, {label}", fontsize=10)
+            axis.axis("off")
+    figure.suptitle(
+        f"{target}: box + point prompt (yellow, green star); mask blue, disagreement with PyTorch red; "
+        "decoders run on PyTorch embeddings",
+        fontsize=12,
+    )
+    return _png(figure)
+
+
+def bar_figure(report: dict[str, Any], metric: str) -> str:
+    names, values, colours = [], [], []
+    for run in report["runs"]:
+        for artifact in run["artifacts"]:
+            if metric == "latency" and "latency" not in artifact:
+                continue
+            names.append(f"{artifact['target']}\n{artifact['part'].split('_')[-1]} {artifact['precision']}")
+            values.append(artifact["latency"]["median_s"] * 1000 if metric == "latency" else artifact["bytes"] / 1e6)
+            colours.append("tab:blue" if artifact["part"] == "image_encoder" else "tab:orange")
+    figure, axis = plt.subplots(figsize=(max(6, 0.8 * len(names)), 3.2))
+    axis.bar(range(len(names)), values, color=colours)
+    axis.set_xticks(range(len(names)), names, fontsize=7)
+    axis.set_ylabel("warm median latency (ms)" if metric == "latency" else "size (MB)")
+    axis.set_title("latency (blue: encoder, orange: decoder)" if metric == "latency" else "size on disk")
+    if metric == "latency":
+        for run in report["runs"][:1]:
+            for part, style in (("image_encoder", "--"), ("prompt_decoder", ":")):
+                axis.axhline(run["pytorch_latency"][part]["median_s"] * 1000, ls=style, color="grey", lw=1)
+    return _png(figure)
+
+
+def write_html(report: dict[str, Any], photos: CocoPhotos, masks: dict[str, dict[int, np.ndarray]], path: Path) -> None:
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in summary_rows(report)
+    )
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in SUMMARY_HEADER)
+    weights = "; ".join(f"{run['target']}: {html.escape(run['weights'])}" for run in report["runs"])
+    random_note = any(run["random_weights"] for run in report["runs"])
+    sections = [
+        "<h1>MobileSAM validation report</h1>",
+        f"<p><b>Weights</b>: {weights}</p>",
+        "<p><b>Random weights</b>: mask logits hug 0, so quantized files lose sign on many pixels "
+        "without any conversion bug; read the confident-pixel IoU beside the plain IoU.</p>"
+        if random_note
+        else "",
+        f"<table><tr>{header}</tr>{rows}</table>",
+        f'<img alt="latency" src="data:image/png;base64,{bar_figure(report, "latency")}">',
+        f'<img alt="size" src="data:image/png;base64,{bar_figure(report, "size")}">',
+    ]
+    for run in report["runs"]:
+        picture = overlay_figure(photos, masks, run)
+        if picture:
+            sections.append(f"<h2>{html.escape(run['target'])} masks</h2>")
+            sections.append(f'<img alt="{html.escape(run["target"])} overlays" src="data:image/png;base64,{picture}">')
+    style = (
+        "body{font-family:sans-serif;margin:2em;max-width:1400px}"
+        "table{border-collapse:collapse;font-size:12px}"
+        "td,th{border:1px solid #ccc;padding:4px 6px;text-align:left;vertical-align:top}"
+        "img{max-width:100%;margin:1em 0}"
+    )
+    head = f"<meta charset='utf-8'><title>MobileSAM validation</title><style>{style}</style>"
+    document = f"<!doctype html><html><head>{head}</head><body>{''.join(sections)}</body></html>"
+    atomic_write_bytes(path, document.encode())
