@@ -60,6 +60,11 @@ def test_report_scores_every_artifact_and_isolates_the_broken_one(validated):
         assert decoder[kind]["mask_iou"]["min"] > 0.99
         assert decoder[kind]["same_index_rate"] == 1.0
     assert by_name[("image_encoder", "int8")]["latency"]["median_s"] > 0
+    assert by_name[("image_encoder", "fp32")]["memory"]["peak_rss_mb"] > 0
+    baselines = run["baselines"]
+    assert baselines["onnxruntime"]["image_encoder"]["median_s"] > 0
+    assert baselines["onnxruntime"]["prompt_decoder"]["median_s"] > 0
+    assert 50 < baselines["compute_floor"]["encoder_gflops"] < 100
     assert len(run["prompt_cases"]) == 2 * 2 * len(PROMPT_KINDS)
     rows = summary_rows(validated)
     assert any("ERROR" in row[-1] for row in rows) and len(rows) == 4

@@ -97,7 +97,7 @@ def bar_figure(report: dict[str, Any], metric: str) -> str:
     if metric == "latency":
         for run in report["runs"][:1]:
             for part, style in (("image_encoder", "--"), ("prompt_decoder", ":")):
-                axis.axhline(run["pytorch_latency"][part]["median_s"] * 1000, ls=style, color="grey", lw=1)
+                axis.axhline(run["baselines"]["pytorch"][part]["median_s"] * 1000, ls=style, color="grey", lw=1)
     return _png(figure)
 
 

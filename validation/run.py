@@ -28,6 +28,7 @@ from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_man
 from pipeline.metrics import cosine_similarity, mask_iou, max_abs_error, psnr_db
 from pipeline.predictor import ReferencePredictor
 from pipeline.processing import PreparedImage, prompt_to_decoder_inputs, select_mask_index, upscale_masks
+from validation.baselines import compute_floor, onnx_runtime_latency, reset_peak_memory, resident_memory_mb
 from validation.gates import DEFAULT_GATES, Gate, gate_failures
 from validation.prompts import PromptCase, prompt_cases
 
@@ -215,6 +216,8 @@ def validate_artifact(
         contract = (
             encoder_contract() if record.part == "image_encoder" else decoder_contract(manifest.config["num_points"])
         )
+        before = resident_memory_mb()
+        memory_resets = reset_peak_memory()
         start = time.perf_counter()
         runner = get_target(record.target).load_runner(path, contract, threads=settings.threads)
         result["load_s"] = time.perf_counter() - start
@@ -229,18 +232,39 @@ def validate_artifact(
         result["agreement"] = score_decoder(runner, references, overlays)
         example = {"image_embeddings": first.embeddings, **first.cases[0][1]}
     result["latency"] = time_runs(lambda: runner.run(example), settings)
+    after = resident_memory_mb()
+    if before and after and memory_resets:
+        result["memory"] = {"rss_before_mb": before["rss_mb"], "peak_rss_mb": after["peak_rss_mb"]}
+        result["memory"]["peak_increase_mb"] = after["peak_rss_mb"] - before["rss_mb"]
     return result
 
 
-def pytorch_latency(
+def baseline_latencies(
     predictor: ReferencePredictor, first: ReferenceImage, settings: ValidationSettings
 ) -> dict[str, Any]:
+    """PyTorch eager fp32 and ONNX Runtime fp32 of the same two modules, and the compute floor."""
+    from pipeline.contract import decoder_contract, encoder_contract
+
     image = torch.from_numpy(first.prepared.image)
-    inputs = {"image_embeddings": first.embeddings, **first.cases[0][1]}
+    decoder_inputs = {"image_embeddings": first.embeddings, **first.cases[0][1]}
     with torch.inference_mode():
         encoder = time_runs(lambda: predictor.encoder(image), settings)
-    decoder = time_runs(lambda: predictor.decode(inputs), settings)
-    return {"image_encoder": encoder, "prompt_decoder": decoder}
+    decoder = time_runs(lambda: predictor.decode(decoder_inputs), settings)
+    encoder_spec, decoder_spec = encoder_contract(), decoder_contract(predictor.num_points)
+    parts = {
+        "image_encoder": (
+            predictor.encoder,
+            encoder_spec.input_names,
+            encoder_spec.output_names,
+            {"image": first.prepared.image},
+        ),
+        "prompt_decoder": (predictor.decoder, decoder_spec.input_names, decoder_spec.output_names, decoder_inputs),
+    }
+    return {
+        "pytorch": {"image_encoder": encoder, "prompt_decoder": decoder},
+        "onnxruntime": onnx_runtime_latency(parts, settings.threads, lambda run: time_runs(run, settings)),
+        "compute_floor": compute_floor(predictor.encoder, image, settings.threads),
+    }
 
 
 def validate_run(
@@ -279,7 +303,7 @@ def validate_run(
             "weights": source.describe(),
             "random_weights": source.is_random,
             "prompt_cases": [asdict(case) for ref in references for case, _, _ in ref.cases],
-            "pytorch_latency": pytorch_latency(predictor, references[0], settings),
+            "baselines": baseline_latencies(predictor, references[0], settings),
             "artifacts": [],
         }
         if overlays is not None:
@@ -306,6 +330,9 @@ SUMMARY_HEADER = (
     "MB",
     "ms (median)",
     "x PyTorch",
+    "x ONNX Runtime",
+    "x floor",
+    "peak MB",
     "gate",
     "agreement (IoU mean/min, confident IoU, logits PSNR)",
 )
@@ -325,13 +352,26 @@ def summary_markdown(report: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(report)]
     for run in report["runs"]:
-        encoder_ms = run["pytorch_latency"]["image_encoder"]["median_s"] * 1000
-        decoder_ms = run["pytorch_latency"]["prompt_decoder"]["median_s"] * 1000
-        lines.append(
-            f"\n{run['target']}: weights {run['weights']}; PyTorch eager median encoder {encoder_ms:.0f} ms, "
-            f"decoder {decoder_ms:.0f} ms"
+        baselines = run["baselines"]
+        described = []
+        for name in ("pytorch", "onnxruntime"):
+            medians = [
+                f"{part.split('_')[-1]} {baselines[name][part]['median_s'] * 1000:.0f} ms"
+                for part in ("image_encoder", "prompt_decoder")
+                if "median_s" in baselines[name].get(part, {})
+            ]
+            described.append(f"{name} fp32 median {', '.join(medians) or 'unavailable'}")
+        floor = baselines["compute_floor"]
+        described.append(
+            f"encoder {floor['encoder_gflops']:.1f} GFLOP at {floor['matmul_gflops_per_s']:.0f} GFLOP/s matmul = "
+            f"floor {floor['encoder_floor_s'] * 1000:.0f} ms"
         )
+        lines.append(f"\n{run['target']}: weights {run['weights']}; " + "; ".join(described))
     return "\n".join(lines)
+
+
+def _ratio(median: float, baseline: dict[str, Any]) -> str:
+    return f"{median / baseline['median_s']:.2f}" if "median_s" in baseline else "-"
 
 
 def summary_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -341,10 +381,16 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
         for artifact in run["artifacts"]:
             name = f"{artifact['target']} {artifact['part']} {artifact['precision']}"
             if "error" in artifact:
-                rows.append([name, f"{artifact['bytes'] / 1e6:.1f}", "-", "-", "FAIL", f"ERROR: {artifact['error']}"])
+                size = f"{artifact['bytes'] / 1e6:.1f}"
+                rows.append([name, size, "-", "-", "-", "-", "-", "FAIL", f"ERROR: {artifact['error']}"])
                 continue
-            baseline = run["pytorch_latency"][artifact["part"]]["median_s"]
+            baselines = run["baselines"]
             median = artifact["latency"]["median_s"]
+            ratios = [_ratio(median, baselines["pytorch"][artifact["part"]])]
+            ratios.append(_ratio(median, baselines["onnxruntime"].get(artifact["part"], {})))
+            floor = baselines["compute_floor"]["encoder_floor_s"] if artifact["part"] == "image_encoder" else None
+            ratios.append(f"{median / floor:.1f}" if floor else "-")
+            peak = f"{artifact['memory']['peak_increase_mb']:.0f}" if "memory" in artifact else "-"
             agreement = artifact["agreement"]
             if artifact["part"] == "image_encoder":
                 quality = (
@@ -359,5 +405,5 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
                 )
             gate = "pass" if artifact["gate"]["passed"] else "FAIL"
             size = f"{artifact['bytes'] / 1e6:.1f}"
-            rows.append([name, size, f"{median * 1000:.0f}", f"{median / baseline:.2f}", gate, quality])
+            rows.append([name, size, f"{median * 1000:.0f}", *ratios, peak, gate, quality])
     return rows
