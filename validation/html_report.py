@@ -86,12 +86,12 @@ def bar_figure(report: dict[str, Any], metric: str) -> str:
         for artifact in run["artifacts"]:
             if metric == "latency" and "latency" not in artifact:
                 continue
-            names.append(f"{artifact['target']}\n{artifact['part'].split('_')[-1]} {artifact['precision']}")
+            names.append(f"{artifact['target']} {artifact['part'].split('_')[-1]} {artifact['precision']}")
             values.append(artifact["latency"]["median_s"] * 1000 if metric == "latency" else artifact["bytes"] / 1e6)
             colours.append("tab:blue" if artifact["part"] == "image_encoder" else "tab:orange")
     figure, axis = plt.subplots(figsize=(max(6, 0.8 * len(names)), 3.2))
     axis.bar(range(len(names)), values, color=colours)
-    axis.set_xticks(range(len(names)), names, fontsize=7)
+    axis.set_xticks(range(len(names)), names, fontsize=8, rotation=35, ha="right")
     axis.set_ylabel("warm median latency (ms)" if metric == "latency" else "size (MB)")
     axis.set_title("latency (blue: encoder, orange: decoder)" if metric == "latency" else "size on disk")
     if metric == "latency":
