@@ -59,6 +59,10 @@ def test_report_scores_every_artifact_and_isolates_the_broken_one(validated):
     for kind in PROMPT_KINDS:
         assert decoder[kind]["mask_iou"]["min"] > 0.99
         assert decoder[kind]["same_index_rate"] == 1.0
+        assert decoder[kind]["logits_cosine_min"] > 0.9999 and decoder[kind]["iou_predictions_psnr_db_min"] > 60
+        truth = decoder[kind]["ground_truth_iou"]
+        assert 0.0 <= truth["pytorch"]["mean"] <= 1.0
+        assert truth["pytorch"]["mean"] == pytest.approx(truth["artifact"]["mean"], abs=1e-3)
     assert by_name[("image_encoder", "int8")]["latency"]["median_s"] > 0
     assert by_name[("image_encoder", "fp32")]["memory"]["peak_rss_mb"] > 0
     baselines = run["baselines"]

@@ -59,6 +59,7 @@ class ReferenceImage:
     prepared: PreparedImage
     embeddings: np.ndarray
     cases: list[tuple[PromptCase, dict[str, np.ndarray], Any]]  # case, decoder inputs, Prediction
+    ground_truth: dict[int, np.ndarray]  # annotation id -> instance mask
 
 
 def build_reference(
@@ -69,14 +70,16 @@ def build_reference(
         image = photos.image(image_id)
         embeddings = predictor.set_image(image)
         cases = []
+        ground_truth = {}
         for instance in photos.instances(image_id)[: settings.instances_per_image]:
             if instance.mask.sum() == 0:
                 continue
+            ground_truth[instance.annotation_id] = instance.mask
             for case in prompt_cases(image_id, instance.annotation_id, instance.mask, instance.bbox, settings.seed):
                 prediction = predictor.predict(case.prompt(), multimask_output=case.multimask)
                 inputs = prompt_to_decoder_inputs(case.prompt(), predictor.prepared.original_size, predictor.num_points)
                 cases.append((case, inputs, prediction))
-        references.append(ReferenceImage(image_id, predictor.prepared, embeddings, cases))
+        references.append(ReferenceImage(image_id, predictor.prepared, embeddings, cases, ground_truth))
     return references
 
 
@@ -165,8 +168,14 @@ def score_decoder(runner, references: list[ReferenceImage], overlays: dict | Non
             if overlays is not None and is_overlay_case(index, reference, case):
                 overlays[reference.image_id] = logits[selected] > 0
             confident = confident_pixels(expected.mask_logits[expected.selected])
+            truth = reference.ground_truth[case.annotation_id]
             row = per_kind.setdefault(case.kind, {})
             for key, value in (
+                ("ground_truth_iou_pytorch", mask_iou(truth, expected.mask)),
+                ("ground_truth_iou_artifact", mask_iou(truth, logits[selected] > 0)),
+                ("logits_cosine", cosine_similarity(expected.low_res_masks, outputs["low_res_masks"])),
+                ("iou_predictions_psnr_db", psnr_db(expected.iou_predictions, outputs["iou_predictions"])),
+                ("iou_predictions_cosine", cosine_similarity(expected.iou_predictions, outputs["iou_predictions"])),
                 ("mask_iou", mask_iou(expected.mask, logits[selected] > 0)),
                 (
                     "mask_iou_all4",
@@ -189,6 +198,13 @@ def score_decoder(runner, references: list[ReferenceImage], overlays: dict | Non
             "logits_psnr_db_min": float(np.min(values["logits_psnr_db"])),
             "logits_max_abs_error": float(np.max(values["logits_max_abs_error"])),
             "iou_predictions_max_abs_error": float(np.max(values["iou_predictions_max_abs_error"])),
+            "logits_cosine_min": float(np.min(values["logits_cosine"])),
+            "iou_predictions_psnr_db_min": float(np.min(values["iou_predictions_psnr_db"])),
+            "iou_predictions_cosine_min": float(np.min(values["iou_predictions_cosine"])),
+            "ground_truth_iou": {
+                "pytorch": _summary(values["ground_truth_iou_pytorch"]),
+                "artifact": _summary(values["ground_truth_iou_artifact"]),
+            },
         }
         for kind, values in per_kind.items()
     }
@@ -398,7 +414,10 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
                     f"max abs {agreement['embeddings']['max_abs_error']:.2e}"
                 )
             else:
-                quality = "; ".join(
+                truth_torch = np.mean([v["ground_truth_iou"]["pytorch"]["mean"] for v in agreement.values()])
+                truth_file = np.mean([v["ground_truth_iou"]["artifact"]["mean"] for v in agreement.values()])
+                quality = f"IoU with ground truth PyTorch {truth_torch:.3f} / file {truth_file:.3f}; "
+                quality += "; ".join(
                     f"{kind} IoU {v['mask_iou']['mean']:.3f}/{v['mask_iou']['min']:.3f} "
                     f"conf {v['mask_iou_confident']['mean']:.3f} PSNR {v['logits_psnr_db_min']:.1f}"
                     for kind, v in agreement.items()
