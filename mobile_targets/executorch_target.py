@@ -10,7 +10,6 @@ against fp32 PyTorch (eager fp16 on CPU: 67 dB), so the fault is in that lowerin
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,6 @@ import torch
 from mobile_targets.base import PartToConvert, Runner, Target
 from pipeline.contract import PartContract
 from pipeline.errors import ArtifactError, PipelineError
-
-log = logging.getLogger(__name__)
 
 PTE_IDENTIFIER_OFFSET = 4
 PTE_IDENTIFIER_PREFIX = b"ET"

@@ -8,7 +8,6 @@ int8: ai-edge-quantizer dynamic range (int8 weights, activations quantized on th
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,6 @@ import torch
 from mobile_targets.base import PartToConvert, Runner, Target
 from pipeline.contract import PartContract
 from pipeline.errors import ArtifactError, PipelineError
-
-log = logging.getLogger(__name__)
 
 SIGNATURE = "serving_default"
 TFLITE_IDENTIFIER = b"TFL3"

@@ -16,7 +16,7 @@ from pipeline.contract import DEFAULT_NUM_POINTS
 from pipeline.errors import ConfigError
 from pipeline.model import MODEL_TYPES, STUDENT_TYPE
 
-PRECISIONS = ("fp32", "fp16", "int8", "palettize6")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)

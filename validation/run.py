@@ -8,7 +8,7 @@ A missing or corrupt artifact becomes one line in the report; the others are sti
 
 from __future__ import annotations
 
-import logging
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from mobile_targets import get_target
 from pipeline.checkpoints import load_model
+from pipeline.contract import decoder_contract, encoder_contract
 from pipeline.datasets import CocoPhotos
 from pipeline.errors import PipelineError
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest, verify_artifact
@@ -33,8 +34,6 @@ from validation.gates import DEFAULT_GATES, Gate, gate_failures
 from validation.prompts import PromptCase, prompt_cases
 
 REPORT_SCHEMA_VERSION = 1
-
-log = logging.getLogger(__name__)
 
 CONFIDENT_MARGIN_IN_STD = 1.0
 """The 'confident' IoU counts only pixels whose PyTorch logit is farther than this many standard
@@ -218,8 +217,6 @@ def validate_artifact(
     settings: ValidationSettings,
     overlays: dict | None = None,
 ) -> dict[str, Any]:
-    from pipeline.contract import decoder_contract, encoder_contract
-
     result: dict[str, Any] = {
         "target": record.target,
         "part": record.part,
@@ -259,8 +256,6 @@ def baseline_latencies(
     predictor: ReferencePredictor, first: ReferenceImage, settings: ValidationSettings
 ) -> dict[str, Any]:
     """PyTorch eager fp32 and ONNX Runtime fp32 of the same two modules, and the compute floor."""
-    from pipeline.contract import decoder_contract, encoder_contract
-
     image = torch.from_numpy(first.prepared.image)
     decoder_inputs = {"image_embeddings": first.embeddings, **first.cases[0][1]}
     with torch.inference_mode():
@@ -305,21 +300,26 @@ def validate_run(
         "gates": {precision: asdict(gate) for precision, gate in gates.items()},
         "runs": [],
     }
+    reference_runs: dict[str, tuple] = {}
     for manifest_path in manifests:
         manifest = read_manifest(manifest_path)
         weights = manifest.weights
-        sam, source = load_model(
-            weights["model_type"], weights["checkpoint"] and Path(weights["checkpoint"]), weights["seed"] or 0
-        )
-        predictor = ReferencePredictor(sam, num_points=manifest.config["num_points"])
-        references = build_reference(predictor, photos, settings)
+        key = json.dumps([weights, manifest.config["num_points"]], sort_keys=True)
+        if key not in reference_runs:  # targets converted from the same weights share one reference
+            sam, source = load_model(
+                weights["model_type"], weights["checkpoint"] and Path(weights["checkpoint"]), weights["seed"] or 0
+            )
+            predictor = ReferencePredictor(sam, num_points=manifest.config["num_points"])
+            references = build_reference(predictor, photos, settings)
+            reference_runs[key] = (source, references, baseline_latencies(predictor, references[0], settings))
+        source, references, baselines = reference_runs[key]
         run = {
             "manifest": str(manifest_path),
             "target": manifest.target,
             "weights": source.describe(),
             "random_weights": source.is_random,
             "prompt_cases": [asdict(case) for ref in references for case, _, _ in ref.cases],
-            "baselines": baseline_latencies(predictor, references[0], settings),
+            "baselines": baselines,
             "artifacts": [],
         }
         if overlays is not None:
