@@ -9,6 +9,7 @@ from mobile_targets.base import Target
 from pipeline.errors import PipelineError
 
 TARGET_MODULES = {
+    "coreml": "mobile_targets.coreml_target",
     "executorch": "mobile_targets.executorch_target",
     "tflite": "mobile_targets.tflite_target",
 }

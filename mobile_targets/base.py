@@ -7,7 +7,7 @@ through this, so a new target is one module plus one line in the registry.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.contract import PartContract
+from pipeline.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,8 @@ class PartToConvert:
     example_inputs: tuple[torch.Tensor, ...]
     calibration: tuple[tuple[torch.Tensor, ...], ...] = ()
     """Real-photo inputs for post-training quantization (empty when a precision needs none)."""
+    weights_description: str = ""
+    """Where the weights came from, for formats that carry metadata (Core ML)."""
 
     @property
     def name(self) -> str:
@@ -68,6 +71,12 @@ class Target(ABC):
     @abstractmethod
     def load_runner(self, path: Path, contract: PartContract, threads: int | None = None) -> Runner:
         """Load a converted file in this target's real runtime; one-line ArtifactError if unreadable."""
+
+    def with_options(self, options: Mapping[str, Any]) -> Target:
+        """This target configured by `[target_options.<name>]`; targets without options refuse any."""
+        if options:
+            raise ConfigError(f"target {self.name} takes no options, got {sorted(options)}")
+        return self
 
     def tool_packages(self) -> Iterable[str]:
         """PyPI packages whose versions go into the manifest."""

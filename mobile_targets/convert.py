@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from pipeline.processing import Prompt, prepare_image, prompt_to_decoder_inputs
 
 log = logging.getLogger(__name__)
 
-GATE_PSNR_DB = {"fp32": 60.0, "fp16": 30.0, "int8": 10.0}
+GATE_PSNR_DB = {"fp32": 60.0, "fp16": 30.0, "int8": 10.0, "palettize6": 10.0}
 """Minimum PSNR of every output against PyTorch on the example photo, checked right after
 conversion. Loose for quantized files: they are scored properly by the validate stage."""
 
@@ -142,7 +143,7 @@ def kept_earlier_records(
 
 def convert_target(target_name: str, config: RunConfig, calibration_images: int = 8) -> Path:
     """Convert both parts in every precision the target supports; returns the manifest path."""
-    target = get_target(target_name)
+    target = get_target(target_name).with_options(config.target_options.get(target_name, {}))
     precisions = [p for p in config.precisions if p in target.precisions]
     if not precisions:
         raise ConfigError(
@@ -153,6 +154,7 @@ def convert_target(target_name: str, config: RunConfig, calibration_images: int 
     photos = CocoPhotos.default()
     needs_calibration = any(p in target.calibrated_precisions for p in precisions)
     parts = build_parts(config, sam, photos, calibration_images if needs_calibration else 0)
+    parts = [replace(part, weights_description=weights.describe()) for part in parts]
     out = Path(config.out_dir) / target.name
     records = []
     for part in parts:

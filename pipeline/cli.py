@@ -14,6 +14,8 @@ def setup_logging(verbose: bool = False) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # coremltools logs every graph pass and removed op at INFO (thousands of lines per model)
+    logging.getLogger("coremltools").setLevel(logging.WARNING)
 
 
 def run_main(main: Callable[[], int | None]) -> None:

@@ -16,7 +16,8 @@ from pipeline.contract import DEFAULT_NUM_POINTS
 from pipeline.errors import ConfigError
 from pipeline.model import MODEL_TYPES, STUDENT_TYPE
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "palettize6")
+"""palettize6 (6-bit palettized weights) exists for Core ML only; other targets skip it."""
 
 
 @dataclass(frozen=True)
@@ -28,10 +29,12 @@ class RunConfig:
     seed: int = 0
     num_points: int = DEFAULT_NUM_POINTS
     targets: tuple[str, ...] = ()
-    precisions: tuple[str, ...] = ("fp32", "fp16", "int8")
+    precisions: tuple[str, ...] = PRECISIONS
     out_dir: Path = Path("artifacts")
     gates: dict[str, dict[str, float]] = field(default_factory=dict)
     """Validation gate overrides per precision (`[gates.int8]` in TOML); see validation.gates."""
+    target_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-target converter options (`[target_options.coreml]` in TOML), e.g. minimum_deployment_target."""
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
@@ -52,6 +55,7 @@ class RunConfig:
             "precisions": list(self.precisions),
             "out_dir": str(self.out_dir),
             "gates": self.gates,
+            "target_options": self.target_options,
         }
 
 
@@ -92,6 +96,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="output folder")
     parser.add_argument("--num-points", type=int, help="prompt slots N of the exported decoder")
     parser.add_argument("--seed", type=int, help="seed of the random weights used without a checkpoint")
+    parser.add_argument(
+        "--target-option",
+        action="append",
+        default=[],
+        metavar="TARGET.KEY=VALUE",
+        help="a converter option, e.g. coreml.minimum_deployment_target=iOS18 (repeatable)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -102,4 +113,19 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "num_points": args.num_points,
         "seed": args.seed,
     }
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    return with_target_options(config, getattr(args, "target_option", []))
+
+
+def with_target_options(config: RunConfig, assignments: list[str]) -> RunConfig:
+    """Lay `TARGET.KEY=VALUE` assignments over the config's target_options."""
+    options = {target: dict(values) for target, values in config.target_options.items()}
+    for assignment in assignments:
+        key, separator, value = assignment.partition("=")
+        target, dot, option = key.partition(".")
+        if not separator or not dot or not target or not option:
+            raise ConfigError(
+                f"--target-option {assignment!r} is not TARGET.KEY=VALUE (e.g. coreml.encoder_input=image)"
+            )
+        options.setdefault(target, {})[option] = value
+    return replace(config, target_options=options)

@@ -29,6 +29,7 @@ DEFAULT_GATES = {
     "fp32": Gate(embeddings_psnr_db=60.0, mask_iou_mean=0.99, mask_iou_min=0.98, confident_iou_mean=0.99),
     "fp16": Gate(embeddings_psnr_db=40.0, mask_iou_mean=0.98, mask_iou_min=0.95, confident_iou_mean=0.98),
     "int8": Gate(embeddings_psnr_db=25.0, mask_iou_mean=0.95, mask_iou_min=0.90, confident_iou_mean=0.95),
+    "palettize6": Gate(embeddings_psnr_db=25.0, mask_iou_mean=0.95, mask_iou_min=0.90, confident_iou_mean=0.95),
 }
 
 

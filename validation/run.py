@@ -232,7 +232,8 @@ def validate_artifact(
         before = resident_memory_mb()
         memory_resets = reset_peak_memory()
         start = time.perf_counter()
-        runner = get_target(record.target).load_runner(path, contract, threads=settings.threads)
+        options = manifest.config.get("target_options", {}).get(record.target, {})
+        runner = get_target(record.target).with_options(options).load_runner(path, contract, threads=settings.threads)
         result["load_s"] = time.perf_counter() - start
     except PipelineError as error:
         result["error"] = str(error)
