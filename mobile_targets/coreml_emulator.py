@@ -284,8 +284,8 @@ class MilProgram:
         for output_name, output_type in outputs:
             self.var_shapes[output_name] = output_type.shape
         if op.type.startswith("constexpr_"):
-            # compressed weights: decompress once, as Core ML does when it loads the model
-            values = self._execute(operation, self.constants, "fp32")
+            # compressed weights: decompress once, in the declared dtype, as Core ML does at load
+            values = self._execute(operation, self.constants, "fp16")
             for (output_name, output_type), value in zip(outputs, values, strict=True):
                 self.constants[output_name] = value
                 self.constant_dtypes[output_name] = output_type.dtype

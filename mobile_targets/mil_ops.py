@@ -182,7 +182,7 @@ def _prod(x: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor:
 
 
 @kernel("reduce_argmax")
-def reduce_argmax(x: torch.Tensor, axis: Any = -1, keep_dims: Any = None) -> torch.Tensor:
+def reduce_argmax(x: torch.Tensor, axis: Any = -1, keep_dims: Any = None, output_dtype: Any = None) -> torch.Tensor:
     return torch.argmax(x, dim=_int(axis), keepdim=_bool(keep_dims)).int()
 
 
@@ -217,8 +217,8 @@ def cumsum(x: torch.Tensor, axis: Any = 0, exclusive: Any = None, reverse: Any =
     if _bool(reverse):
         x = torch.flip(x, [dim])
     out = torch.cumsum(x, dim=dim).to(x.dtype)
-    if _bool(exclusive):
-        out = out - x
+    if _bool(exclusive):  # shift by one rather than subtract x, which would add rounding error
+        out = torch.cat([torch.zeros_like(out.narrow(dim, 0, 1)), out.narrow(dim, 0, out.shape[dim] - 1)], dim=dim)
     if _bool(reverse):
         out = torch.flip(out, [dim])
     return out
