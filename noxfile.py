@@ -1,4 +1,4 @@
-"""Sessions: convert_executorch, convert_tflite, validate, tests, lint (see README).
+"""Sessions: convert_coreml, convert_executorch, convert_tflite, validate, tests, lint (see README).
 
 Environments are reused and dependencies are installed only when pyproject.toml changes, so a
 second run of any session starts in seconds instead of reinstalling torch.
@@ -36,6 +36,19 @@ def tests(session: nox.Session) -> None:
     """The test suite (unit tests plus end-to-end tests on the full MobileSAM architecture)."""
     install_project(session, "test")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def convert_coreml(session: nox.Session) -> None:
+    """Encoder and prompt decoder to `.mlpackage` (fp16, fp32, int8, palettize6), plus a manifest.
+
+    Each package is checked right after conversion in the Core ML runtime on macOS, or in the
+    MIL emulator elsewhere. Options after `--`: --config FILE, --checkpoint PATH, --out DIR,
+    --num-points N, --precisions fp16 fp32, --target-option coreml.KEY=VALUE with KEY one of
+    minimum_deployment_target (iOS16/iOS17/iOS18), encoder_input (tensor/image), compute_units.
+    """
+    install_project(session, "coreml")
+    session.run("python", "-m", "mobile_targets", "coreml", *session.posargs)
 
 
 @nox.session(python=PYTHON)

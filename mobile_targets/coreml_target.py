@@ -45,8 +45,12 @@ class CoreMLOptions:
     """"tensor": a float MLMultiArray of RGB 0..255; "image": an RGB CVPixelBuffer (ImageType)."""
     compute_units: str = "ALL"
     """For MLModel.predict on macOS; the Linux emulator ignores it."""
+    fp32_point_encoding: bool = True
+    """Keep point_coords -> sin/cos in fp32 in fp16 packages (benchmarks/coreml_point_encoding.py)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.fp32_point_encoding, str):  # from --target-option coreml.fp32_point_encoding=false
+            object.__setattr__(self, "fp32_point_encoding", self.fp32_point_encoding.lower() in ("1", "true", "yes"))
         for name, allowed in (
             ("minimum_deployment_target", DEPLOYMENT_TARGETS),
             ("encoder_input", ENCODER_INPUTS),
@@ -324,7 +328,9 @@ class CoreMLTarget(Target):
         compute_precision = (
             ct.precision.FLOAT32
             if precision == "fp32"
-            else ct.transform.FP16ComputePrecision(op_selector=keep_point_encoding_fp32)
+            else ct.transform.FP16ComputePrecision(
+                op_selector=keep_point_encoding_fp32 if self.options.fp32_point_encoding else lambda op: True
+            )
         )
         model = ct.convert(
             program,

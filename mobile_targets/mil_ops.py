@@ -205,6 +205,15 @@ def layer_norm(
     return out
 
 
+@kernel("batch_norm")
+def batch_norm(
+    x: torch.Tensor, mean: Any, variance: Any, gamma: Any = None, beta: Any = None, epsilon: Any = None
+) -> torch.Tensor:
+    """Inference batch norm over channel axis 1; coremltools fuses x * w + b into it."""
+    eps = 1e-5 if epsilon is None else _float(epsilon)
+    return F.batch_norm(x, mean, variance, weight=gamma, bias=beta, training=False, eps=eps)
+
+
 @kernel("instance_norm")
 def instance_norm(x: torch.Tensor, gamma: Any = None, beta: Any = None, epsilon: Any = None) -> torch.Tensor:
     eps = 1e-5 if epsilon is None else _float(epsilon)

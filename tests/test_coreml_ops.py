@@ -80,6 +80,14 @@ CASES = [
     Case("layer_norm", {"x": X}, {"axes": [-1], "gamma": _x(4), "beta": _x(4), "epsilon": 1e-5}),
     Case("layer_norm", {"x": X}, {"axes": [1, 2], "epsilon": 1e-3}, id="layer_norm-2axes-no-affine"),
     Case(
+        "batch_norm",
+        {"x": _x(2, 3, 5, 5)},
+        {"mean": _x(3), "variance": _x(3, low=0.5, high=2.0), "gamma": _x(3), "beta": _x(3), "epsilon": 1e-4},
+        torch_reference=lambda x, mean, variance, gamma, beta, epsilon: F.batch_norm(
+            x, mean, variance, gamma, beta, training=False, eps=epsilon
+        ),
+    ),
+    Case(
         "instance_norm",
         {"x": _x(2, 3, 5, 5)},
         {"gamma": _x(3), "beta": _x(3), "epsilon": 1e-5},

@@ -317,6 +317,7 @@ def validate_run(
         run = {
             "manifest": str(manifest_path),
             "target": manifest.target,
+            "runtime": get_target(manifest.target).runtime_name,
             "weights": source.describe(),
             "random_weights": source.is_random,
             "prompt_cases": [asdict(case) for ref in references for case, _, _ in ref.cases],
@@ -383,7 +384,9 @@ def summary_markdown(report: dict[str, Any]) -> str:
             f"encoder {floor['encoder_gflops']:.1f} GFLOP at {floor['matmul_gflops_per_s']:.0f} GFLOP/s matmul = "
             f"floor {floor['encoder_floor_s'] * 1000:.0f} ms"
         )
-        lines.append(f"\n{run['target']}: weights {run['weights']}; " + "; ".join(described))
+        lines.append(
+            f"\n{run['target']}: runtime {run.get('runtime', '?')}; weights {run['weights']}; " + "; ".join(described)
+        )
     return "\n".join(lines)
 
 

@@ -1,0 +1,206 @@
+"""Core ML end to end on the full MobileSAM: convert every variant, run the packages in the MIL
+emulator, compare with PyTorch on real photos, and check the fp16 package against its fp32 twin."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+
+import numpy as np
+import pytest
+
+ct = pytest.importorskip("coremltools")
+
+from mobile_targets import get_target  # noqa: E402
+from mobile_targets.convert import build_parts, convert_target, instance_prompt  # noqa: E402
+from mobile_targets.coreml_emulator import MilProgram, fp16_twin_differences  # noqa: E402
+from pipeline.config import RunConfig  # noqa: E402
+from pipeline.contract import decoder_contract, encoder_contract  # noqa: E402
+from pipeline.errors import ArtifactError, ConfigError  # noqa: E402
+from pipeline.manifest import read_manifest, verify_artifact  # noqa: E402
+from pipeline.metrics import mask_iou, max_abs_error, psnr_db  # noqa: E402
+from pipeline.predictor import ReferencePredictor  # noqa: E402
+from pipeline.processing import prepare_image, prompt_to_decoder_inputs, select_mask_index, upscale_masks  # noqa: E402
+
+PRECISIONS = ("fp16", "fp32", "int8", "palettize6")
+# precision: (min embeddings PSNR dB, min mask logits PSNR dB, min mask IoU vs PyTorch), under what was measured
+AGREEMENT = {
+    "fp32": (100.0, 100.0, 0.999),
+    "fp16": (55.0, 55.0, 0.98),
+    "int8": (30.0, 35.0, 0.9),
+    "palettize6": (20.0, 25.0, 0.8),
+}
+
+
+@pytest.fixture(scope="module")
+def coreml_run(tmp_path_factory, official_checkpoint):
+    config = RunConfig(checkpoint=official_checkpoint, precisions=PRECISIONS, out_dir=tmp_path_factory.mktemp("out"))
+    manifest_path = convert_target("coreml", config)
+    return manifest_path, read_manifest(manifest_path)
+
+
+def _package(coreml_run, part, precision):
+    manifest_path, manifest = coreml_run
+    record = next(a for a in manifest.artifacts if a.part == part and a.precision == precision)
+    return verify_artifact(manifest_path, record)
+
+
+def _runner(coreml_run, part, precision):
+    contract = encoder_contract() if part == "image_encoder" else decoder_contract(5)
+    return get_target("coreml").load_runner(_package(coreml_run, part, precision), contract, threads=2)
+
+
+def test_manifest_lists_packages_with_metadata(coreml_run):
+    manifest_path, manifest = coreml_run
+    assert {(a.part, a.precision) for a in manifest.artifacts} == {
+        (p, q) for p in ("image_encoder", "prompt_decoder") for q in PRECISIONS
+    }
+    for record in manifest.artifacts:
+        package = verify_artifact(manifest_path, record)
+        assert package.is_dir() and package.suffix == ".mlpackage"
+        assert all(p.stat().st_mode & stat.S_IROTH for p in package.rglob("*"))
+        assert record.details["minimum_deployment_target"] == "iOS17"
+        spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+        assert spec.WhichOneof("Type") == "mlProgram"
+        metadata = spec.description.metadata
+        assert metadata.author and metadata.license and metadata.shortDescription and metadata.versionString
+        assert all(i.shortDescription for i in spec.description.input)
+        assert all(o.shortDescription for o in spec.description.output)
+        user = dict(metadata.userDefined)
+        assert json.loads(user["com.github.mobilesam-mobile.contract"]) == record.contract
+        assert user["com.github.mobilesam-mobile.weights"].startswith("checkpoint mobile_sam.pt")
+        if record.part == "prompt_decoder":
+            assert user["com.github.mobilesam-mobile.num_points"] == "5"
+            assert json.loads(user["com.github.mobilesam-mobile.point_labels"])["-1"] == "padding"
+    sizes = {(a.part, a.precision): a.bytes for a in manifest.artifacts}
+    for part in ("image_encoder", "prompt_decoder"):
+        assert sizes[part, "palettize6"] < sizes[part, "int8"] < sizes[part, "fp16"] < sizes[part, "fp32"]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_packages_agree_with_pytorch_on_real_photos(coreml_run, our_model, photos, precision):
+    min_embedding_psnr, min_logit_psnr, min_iou = AGREEMENT[precision]
+    encoder = _runner(coreml_run, "image_encoder", precision)
+    decoder = _runner(coreml_run, "prompt_decoder", precision)
+    reference = ReferencePredictor(our_model)
+    embedding_psnr, embedding_error, logit_psnr, logit_error, ious = [], [], [], [], []
+    for image_id in photos.image_ids()[20:22]:
+        image = photos.image(image_id)
+        expected_embeddings = reference.set_image(image)
+        prepared = prepare_image(image)
+        embeddings = encoder.run({"image": prepared.image})["image_embeddings"]
+        embedding_psnr.append(psnr_db(expected_embeddings, embeddings))
+        embedding_error.append(max_abs_error(expected_embeddings, embeddings))
+        for instance in photos.instances(image_id)[:2]:
+            full = instance_prompt(instance.mask, instance.bbox)
+            point_only = type(full)(points=full.points, labels=full.labels, box=None)
+            for prompt in (full, point_only):
+                expected = reference.predict(prompt, multimask_output=False)
+                inputs = prompt_to_decoder_inputs(prompt, prepared.original_size)
+                outputs = decoder.run({"image_embeddings": embeddings, **inputs})
+                logit_psnr.append(psnr_db(expected.low_res_masks, outputs["low_res_masks"]))
+                logit_error.append(max_abs_error(expected.low_res_masks, outputs["low_res_masks"]))
+                logits = upscale_masks(outputs["low_res_masks"], prepared.input_size, prepared.original_size)
+                selected = select_mask_index(outputs["iou_predictions"], multimask_output=False)
+                ious.append(mask_iou(expected.mask, logits[selected] > 0))
+    print(
+        f"coreml {precision}: embeddings PSNR >= {min(embedding_psnr):.1f} dB, max abs {max(embedding_error):.2e}; "
+        f"mask logits PSNR >= {min(logit_psnr):.1f} dB, max abs {max(logit_error):.2e}; "
+        f"mask IoU min {min(ious):.4f} mean {np.mean(ious):.4f}"
+    )
+    assert min(embedding_psnr) >= min_embedding_psnr
+    assert min(logit_psnr) >= min_logit_psnr
+    assert min(ious) >= min_iou
+
+
+def test_fp32_package_is_exact(coreml_run, our_model, photos):
+    """In fp32 the emulated package must match PyTorch to float rounding (relative L2)."""
+    image = photos.image(photos.image_ids()[3])
+    expected = ReferencePredictor(our_model).set_image(image)
+    actual = _runner(coreml_run, "image_encoder", "fp32").run({"image": prepare_image(image).image})
+    relative = np.linalg.norm(actual["image_embeddings"] - expected) / np.linalg.norm(expected)
+    assert relative < 1e-5
+
+
+@pytest.mark.parametrize("part", ["image_encoder", "prompt_decoder"])
+def test_fp16_package_is_its_fp32_twin(coreml_run, part):
+    """Same op sequence and arguments, constants bit-equal to the fp32 ones rounded to fp16."""
+    fp32 = MilProgram(_package(coreml_run, part, "fp32"))
+    fp16 = MilProgram(_package(coreml_run, part, "fp16"))
+    assert fp16_twin_differences(fp32, fp16) == []
+    # the check can fail: int8 weights are not fp16-rounded fp32 weights
+    assert fp16_twin_differences(fp32, MilProgram(_package(coreml_run, part, "int8")))
+
+
+def test_point_encoding_stays_fp32_in_the_fp16_decoder(coreml_run):
+    program = MilProgram(_package(coreml_run, "prompt_decoder", "fp16"))
+    dtypes = {name: t.dtype for op in program.operations for name, t in op.outputs}
+    trig = [op for op in program.operations if op.type in ("sin", "cos")]
+    assert trig and all(op.outputs[0][1].dtype == "FLOAT32" for op in trig)
+    assert sum(dtype == "FLOAT16" for dtype in dtypes.values()) > 0.9 * len(dtypes) - 20
+    compressed = MilProgram(_package(coreml_run, "image_encoder", "palettize6"))
+    assert compressed.op_types == MilProgram(_package(coreml_run, "image_encoder", "fp16")).op_types
+
+
+def test_image_type_encoder(official_checkpoint, photos, tmp_path):
+    """The ImageType variant: an RGB image input with bias -mean, same embeddings as the tensor one."""
+    from pipeline.checkpoints import load_model
+
+    sam, _ = load_model("vit_t", official_checkpoint)
+    encoder_part = build_parts(RunConfig(), sam, photos, 0)[0]
+    target = get_target("coreml").with_options({"encoder_input": "image"})
+    path = tmp_path / "image_encoder_fp16.mlpackage"
+    details = target.convert_part(encoder_part, "fp16", path)
+    assert details["encoder_input"].startswith("image")
+    image_input = ct.models.MLModel(str(path), skip_model_load=True).get_spec().description.input[0]
+    assert image_input.type.WhichOneof("Type") == "imageType"
+    assert image_input.type.imageType.width == image_input.type.imageType.height == 1024
+    runner = target.load_runner(path, encoder_contract(), threads=2)
+    expected = encoder_part.module(*encoder_part.example_inputs).detach().numpy()
+    actual = runner.run({"image": encoder_part.example_inputs[0].numpy()})["image_embeddings"]
+    assert psnr_db(expected, actual) > 55
+
+
+def test_options_are_checked():
+    target = get_target("coreml")
+    with pytest.raises(ConfigError, match="minimum_deployment_target"):
+        target.with_options({"minimum_deployment_target": "iOS9"})
+    with pytest.raises(ConfigError, match="unknown coreml options"):
+        target.with_options({"colour": "red"})
+    with pytest.raises(ConfigError, match="takes no options"):
+        get_target("tflite").with_options({"encoder_input": "image"})
+
+
+def test_corrupt_packages_fail_with_one_line(coreml_run, tmp_path):
+    source = _package(coreml_run, "prompt_decoder", "fp32")
+    contract = decoder_contract(5)
+    target = get_target("coreml")
+
+    def broken(name, damage):
+        copy = tmp_path / name
+        shutil.copytree(source, copy)
+        damage(copy)
+        return copy
+
+    spec_file = "Data/com.apple.CoreML/model.mlmodel"
+    weight_file = "Data/com.apple.CoreML/weights/weight.bin"
+    cases = {
+        "plain file": tmp_path / "file.mlpackage",
+        "missing": tmp_path / "absent.mlpackage",
+        "no manifest": broken("a.mlpackage", lambda p: (p / "Manifest.json").unlink()),
+        "garbage spec": broken("b.mlpackage", lambda p: (p / spec_file).write_bytes(b"\x07garbage" * 50)),
+        "truncated spec": broken(
+            "c.mlpackage", lambda p: (p / spec_file).write_bytes((p / spec_file).read_bytes()[:5000])
+        ),
+        "truncated weights": broken(
+            "d.mlpackage", lambda p: (p / weight_file).write_bytes((p / weight_file).read_bytes()[:100_000])
+        ),
+        "no weights": broken("e.mlpackage", lambda p: (p / weight_file).unlink()),
+    }
+    cases["plain file"].write_bytes(b"not a package")
+    for case, path in cases.items():
+        with pytest.raises(ArtifactError) as info:
+            target.load_runner(path, contract)
+        message = str(info.value)
+        assert "\n" not in message and str(path) in message, (case, message)
