@@ -1,0 +1,103 @@
+"""The distill run's configuration: teacher, images, cache, student, optimisation, checkpoints.
+
+Read from TOML (`[distill]` keys are DistillConfig's fields, all optional) and overridden by
+command-line options. The defaults are the paper's recipe (MSE on the teacher's 256x64x64
+embeddings, AdamW, 8 epochs) at 1024; `distillation/configs/smoke.toml` is the short CPU run.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+from pipeline.model import TEACHER_TYPES
+
+STUDENT_DEFAULT = "tiny_vit"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher_type: str = "vit_h"
+    teacher_checkpoint: Path | None = None
+    """Official SAM checkpoint; without one, a seeded random teacher (a smoke run, said plainly)."""
+    images: Path | None = None
+    """A folder of images (recursive) or of SA-1B `sa_*.tar` files; default: ../shared/data/coco-cc-train."""
+    max_images: int | None = None
+    held_out: int = 8
+    """The last images (sorted order) are never trained on; the evaluation uses them."""
+    image_size: int = 1024
+    """1024 with a real teacher; smaller sizes only for random-teacher smoke runs."""
+    out_dir: Path = Path("distill_out")
+    cache_dtype: str = "float16"
+    shard_size: int = 64
+    student: str = STUDENT_DEFAULT
+    """`tiny_vit` (MobileSAM's TinyViT-5M, official layout) or any timm backbone name (+ a neck)."""
+    epochs: int = 8
+    batch_size: int = 8
+    accumulation: int = 1
+    """Micro-batches per rank per step: batch_size = world_size * accumulation * micro-batch."""
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.01
+    checkpoint_every: int = 50
+    seed: int = 0
+    mixed_precision: str = "auto"
+    """auto: bf16 autocast on GPU, none on CPU; or "bf16", "fp16", "none"."""
+    eval_prompts_per_image: int = 4
+
+    def __post_init__(self) -> None:
+        if self.teacher_type not in TEACHER_TYPES:
+            raise ConfigError(f"teacher_type {self.teacher_type!r}; expected one of {', '.join(TEACHER_TYPES)}")
+        if self.image_size % 16 or not 64 <= self.image_size <= 1024:
+            raise ConfigError(f"image_size must be a multiple of 16 in 64..1024, got {self.image_size}")
+        if self.teacher_checkpoint is not None and self.image_size != 1024:
+            raise ConfigError(
+                f"a real teacher runs at 1024 (its position embeddings), got image_size {self.image_size}"
+            )
+        if self.cache_dtype not in ("float16", "float32"):
+            raise ConfigError(f"cache_dtype must be float16 or float32, got {self.cache_dtype!r}")
+        if self.mixed_precision not in ("auto", "bf16", "fp16", "none"):
+            raise ConfigError(f"mixed_precision must be auto, bf16, fp16 or none, got {self.mixed_precision!r}")
+        for name in ("epochs", "batch_size", "accumulation", "shard_size", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.held_out < 1:
+            raise ConfigError(f"held_out must be at least 1 (the evaluation needs images), got {self.held_out}")
+
+    @property
+    def embedding_size(self) -> int:
+        return self.image_size // 16
+
+    @property
+    def random_teacher(self) -> bool:
+        return self.teacher_checkpoint is None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+_PATHS = {"teacher_checkpoint", "images", "out_dir"}
+
+
+def load_distill_config(path: Path | None, **overrides: Any) -> DistillConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            document = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from None
+        raw = document.get("distill", document)
+        known = {f.name for f in fields(DistillConfig)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown distill keys {unknown}; expected some of {sorted(known)}")
+        raw = {k: (path.parent / v if k in _PATHS and v else v) for k, v in raw.items()}
+    config = DistillConfig(**raw)
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,96 @@
+"""Training images: plain folders and SA-1B's layout, prepared exactly as SAM's encoder expects.
+
+SA-1B ships as `sa_000000.tar`, ... each holding `sa_<id>.jpg` with `sa_<id>.json`; extracted,
+the same pairs sit in folders. Both are read here (the JSON masks are not needed: decoupled
+distillation only uses the images). Every image gets a stable key (relative path, or
+`tarname/member`) so the teacher cache and the training order never depend on file system order.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from pipeline.contract import PIXEL_MEAN, PIXEL_STD
+from pipeline.datasets import IMAGE_SUFFIXES, default_dataset_dir
+from pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    key: str
+    path: Path
+    member: str | None = None
+    """Member name inside the tar at `path` (SA-1B tars); None for a plain file."""
+
+    def read_rgb(self) -> np.ndarray:
+        try:
+            if self.member is None:
+                data = self.path.read_bytes()
+            else:
+                with tarfile.open(self.path) as archive:
+                    handle = archive.extractfile(self.member)
+                    if handle is None:
+                        raise OSError(f"{self.member} is not a file")
+                    data = handle.read()
+            with Image.open(io.BytesIO(data)) as image:
+                return np.asarray(image.convert("RGB"))
+        except (OSError, ValueError, tarfile.TarError) as error:
+            raise PipelineError(f"cannot read image {self.key}: {error}") from None
+
+
+def discover_images(root: Path | None) -> list[ImageSource]:
+    """Images under `root`, sorted by key: SA-1B tars if there are any, else image files."""
+    root = Path(root) if root is not None else default_dataset_dir() / "images"
+    if not root.is_dir():
+        raise PipelineError(f"image folder not found: {root}")
+    tars = sorted(root.rglob("sa_*.tar"))
+    sources: list[ImageSource] = []
+    for tar in tars:
+        try:
+            with tarfile.open(tar) as archive:
+                members = sorted(m.name for m in archive.getmembers() if m.isfile() and _is_image(m.name))
+        except tarfile.TarError as error:
+            raise PipelineError(f"{tar} is not a readable SA-1B tar: {error}") from None
+        sources += [ImageSource(f"{tar.relative_to(root)}/{m}", tar, m) for m in members]
+    if not tars:
+        sources = [ImageSource(str(p.relative_to(root)), p) for p in sorted(root.rglob("*")) if _is_image(p.name)]
+    if not sources:
+        raise PipelineError(f"no images under {root} (expected {', '.join(IMAGE_SUFFIXES)} files or SA-1B sa_*.tar)")
+    return sorted(sources, key=lambda s: s.key)
+
+
+def _is_image(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+@cache
+def _resizer(image_size: int) -> ResizeLongestSide:
+    return ResizeLongestSide(image_size)
+
+
+def prepare_for_encoder(image: np.ndarray, image_size: int) -> torch.Tensor:
+    """3xSxS float32 as SAM's encoders take it: resized, normalized, zero-padded bottom-right
+    (the same values as the contract's mean padding followed by the in-graph normalization)."""
+    resized = _resizer(image_size).apply_image(image)
+    tensor = torch.from_numpy(resized.astype(np.float32)).permute(2, 0, 1)
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    normalized = (tensor - mean) / std
+    out = torch.zeros(3, image_size, image_size)
+    out[:, : normalized.shape[1], : normalized.shape[2]] = normalized
+    return out
+
+
+def split_held_out(sources: list[ImageSource], held_out: int) -> tuple[list[ImageSource], list[ImageSource]]:
+    if len(sources) <= held_out:
+        raise PipelineError(f"{len(sources)} images leave none to train on with held_out={held_out}")
+    return sources[:-held_out], sources[-held_out:]
