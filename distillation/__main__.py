@@ -149,9 +149,10 @@ def main() -> int:
 
 def _print_summary(report: dict) -> None:
     training = report["training"]
+    steps = training["steps"] - training["resumed_from_step"]
     print(
-        f"trained {training['steps'] - training['resumed_from_step']} steps ({training['world_size']} process(es)), "
-        f"{training['images_per_second']:.2f} images/s; loss {training['first_loss']:.4f} -> {training['last_loss']:.4f}"
+        f"trained {steps} steps ({training['world_size']} process(es)), {training['images_per_second']:.2f} "
+        f"images/s; loss {training['first_loss']:.4f} -> {training['last_loss']:.4f}"
     )
     if "before" in report:
         before, after = report["before"], report["after"]
