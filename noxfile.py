@@ -1,4 +1,4 @@
-"""Sessions: convert_coreml, convert_executorch, convert_tflite, validate, tests, lint (see README).
+"""Sessions: distill, convert_coreml, convert_executorch, convert_tflite, validate, tests, lint (see README).
 
 Environments are reused and dependencies are installed only when pyproject.toml changes, so a
 second run of any session starts in seconds instead of reinstalling torch.
@@ -36,6 +36,23 @@ def tests(session: nox.Session) -> None:
     """The test suite (unit tests plus end-to-end tests on the full MobileSAM architecture)."""
     install_project(session, "test")
     session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def distill(session: nox.Session) -> None:
+    """Decoupled distillation: teacher cache -> TinyViT student -> <out>/mobile_sam.pt + report.
+
+    Without --teacher-checkpoint it runs the smoke config (distillation/configs/smoke.toml): a
+    seeded random ViT-B teacher at 256 px on ../shared/data/coco-cc-train, and says so. Options
+    after `--`: --config FILE, --teacher-checkpoint PATH, --teacher-type, --images DIR, --out DIR,
+    --epochs, --batch-size, --accumulation, --checkpoint-every, --max-images. Several processes:
+    `torchrun --nproc_per_node N -m distillation run ...` in the session's environment.
+    """
+    install_project(session, "distill")
+    arguments = list(session.posargs)
+    if "--config" not in arguments and "--teacher-checkpoint" not in arguments:
+        arguments = ["--config", "distillation/configs/smoke.toml", *arguments]
+    session.run("python", "-m", "distillation", "run", *arguments)
 
 
 @nox.session(python=PYTHON)

@@ -97,6 +97,9 @@ def build_student(name: str, image_size: int, seed: int) -> nn.Module:
     if name == "tiny_vit":
         student = MobileSamTinyViT()
         student.img_size = image_size
+        # The classification head is stored in mobile_sam.pt but never run: frozen, it keeps its
+        # init values, and DDP does not wait for gradients that never come.
+        student.head.requires_grad_(False)
         return student
     return TimmBackboneStudent(name, image_size)
 

@@ -143,7 +143,8 @@ def train_student(
     if world.size > 1:
         device_ids = [world.device.index] if world.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(student, device_ids=device_ids, broadcast_buffers=False)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, config.warmup_steps, total_steps, config.min_lr_ratio)
     )

@@ -1,0 +1,222 @@
+"""The distill stage on small configs: teacher cache (resume, checksums, SA-1B tars), DDP with
+2 gloo processes against one process, SIGKILL and resume, and the student checkpoint going
+through the convert stage unchanged."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distillation.config import DistillConfig, load_distill_config
+from distillation.data import discover_images
+from distillation.models import build_student, load_teacher
+from distillation.teacher_cache import INDEX_NAME, build_teacher_cache, load_teacher_cache
+from distillation.train import STATE_NAME, STUDENT_NAME, learning_rate_factor
+from pipeline.errors import ConfigError, PipelineError
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 64
+DDP_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+"""2 gloo processes vs 1 process: same micro-batches and data order; only the order of float
+sums differs (all-reduce vs accumulation), so weights agree to float rounding, not bit for bit."""
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory, photos) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    for image_id in photos.image_ids()[:12]:
+        source = photos.image_path(image_id)
+        (folder / source.name).symlink_to(source)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory, image_folder) -> Path:
+    path = tmp_path_factory.mktemp("config") / "tiny.toml"
+    path.write_text(
+        f"""[distill]
+teacher_type = "vit_b"
+image_size = {IMAGE_SIZE}
+images = "{image_folder}"
+held_out = 2
+epochs = 3
+batch_size = 4
+learning_rate = 2e-3
+warmup_steps = 2
+checkpoint_every = 2
+shard_size = 4
+"""
+    )
+    return path
+
+
+def _distill(config_file: Path, out: Path, cache: Path, *extra: str, processes: int = 1, wait: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    arguments = ["-m", "distillation", "run", "--config", str(config_file), "--out", str(out)]
+    arguments += ["--cache-dir", str(cache), "--no-eval", *extra]
+    if processes > 1:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={port}"]
+        command = [sys.executable, *launcher, *arguments]
+    else:
+        command = [sys.executable, *arguments]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return process
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / STUDENT_NAME, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory, config_file) -> Path:
+    cache = tmp_path_factory.mktemp("cache")
+    out = tmp_path_factory.mktemp("cache_run")
+    command = ["-m", "distillation", "cache", "--config", str(config_file), "--out", str(out)]
+    subprocess.run(
+        [sys.executable, *command, "--cache-dir", str(cache)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=True,
+        capture_output=True,
+    )
+    return cache
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, config_file, shared_cache) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    _distill(config_file, out, shared_cache)
+    return out
+
+
+def test_teacher_cache_resumes_and_checks_checksums(image_folder, tmp_path):
+    sources = discover_images(image_folder)[:10]
+    teacher, description = load_teacher("vit_b", None, IMAGE_SIZE, seed=0)
+    first = build_teacher_cache(teacher.image_encoder, description, sources, tmp_path, IMAGE_SIZE, shard_size=4)
+    assert (first.computed, first.reused) == (10, 0)
+    embeddings = load_teacher_cache(tmp_path)
+    assert set(embeddings) == {s.key for s in sources}
+    assert embeddings[sources[0].key].shape == (256, IMAGE_SIZE // 16, IMAGE_SIZE // 16)
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    assert [len(s["keys"]) for s in index["shards"]] == [4, 4, 2]
+    # an interruption lost the last shard, and a bit flipped in the first: only those are redone
+    (tmp_path / index["shards"][2]["file"]).unlink()
+    damaged = tmp_path / index["shards"][0]["file"]
+    data = bytearray(damaged.read_bytes())
+    data[-10] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(PipelineError, match="checksum"):
+        load_teacher_cache(tmp_path)
+    second = build_teacher_cache(teacher.image_encoder, description, sources, tmp_path, IMAGE_SIZE, shard_size=4)
+    assert (second.computed, second.reused) == (6, 4)
+    again = load_teacher_cache(tmp_path)
+    for key, value in embeddings.items():
+        torch.testing.assert_close(again[key], value)
+    third = build_teacher_cache(teacher.image_encoder, description, sources, tmp_path, IMAGE_SIZE, shard_size=4)
+    assert (third.computed, third.reused) == (0, 10)
+
+
+def test_sa1b_tars_are_read(image_folder, tmp_path):
+    """SA-1B's layout: sa_*.tar files holding sa_<id>.jpg and sa_<id>.json."""
+    files = sorted(image_folder.iterdir())[:3]
+    with tarfile.open(tmp_path / "sa_000000.tar", "w") as archive:
+        for number, file in enumerate(files):
+            archive.add(file.resolve(), arcname=f"sa_{number}.jpg")
+            annotation = tmp_path / f"sa_{number}.json"
+            annotation.write_text("{}")
+            archive.add(annotation, arcname=annotation.name)
+    sources = discover_images(tmp_path)
+    assert [s.key for s in sources] == [f"sa_000000.tar/sa_{n}.jpg" for n in range(3)]
+    assert sources[1].read_rgb().shape[2] == 3
+
+
+def test_ddp_two_gloo_processes_train_the_single_process_model(tmp_path, config_file, shared_cache, uninterrupted):
+    """2 processes x 1 micro-batch of 2 against the uninterrupted 1 process x 2 micro-batches of 2."""
+    single = tmp_path / "single"
+    _distill(config_file, single, shared_cache, "--accumulation", "2")
+    ddp = tmp_path / "ddp"
+    output = _distill(config_file, ddp, shared_cache, processes=2)
+    assert "2 process(es)" in output
+    single_weights, ddp_weights = _weights(single), _weights(ddp)
+    assert single_weights.keys() == ddp_weights.keys()
+    changed = 0
+    initial = build_student("tiny_vit", IMAGE_SIZE, seed=0).state_dict()
+    for key, value in single_weights.items():
+        torch.testing.assert_close(ddp_weights[key], value, **DDP_TOLERANCE, msg=key)
+        changed += not torch.equal(value, initial[key])
+    assert changed > len(single_weights) // 2  # training moved the weights
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, config_file, shared_cache, uninterrupted):
+    out = tmp_path / "killed"
+    process = _distill(config_file, out, shared_cache, wait=False)
+    deadline = time.time() + 300
+    while not (out / STATE_NAME).exists():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / STUDENT_NAME).exists()  # it really died before finishing
+    saved_step = torch.load(out / STATE_NAME, weights_only=True)["step"]
+    _distill(config_file, out, shared_cache)
+    report = json.loads((out / "distill_report.json").read_text())
+    assert report["training"]["resumed_from_step"] == saved_step > 0
+    resumed, reference = _weights(out), _weights(uninterrupted)
+    for key, value in reference.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_student_checkpoint_goes_through_convert(uninterrupted, tmp_path):
+    from mobile_targets.convert import convert_target
+    from pipeline.checkpoints import load_model
+    from pipeline.config import RunConfig
+    from pipeline.manifest import read_manifest
+
+    checkpoint = uninterrupted / "mobile_sam.pt"
+    sam, source = load_model("vit_t", checkpoint)  # strict, official layout
+    student = _weights(uninterrupted)
+    for key, value in student.items():
+        if key in sam.image_encoder.state_dict():
+            torch.testing.assert_close(sam.image_encoder.state_dict()[key], value)
+    config = RunConfig(checkpoint=checkpoint, precisions=("fp16",), out_dir=tmp_path)
+    manifest = read_manifest(convert_target("coreml", config))
+    assert len(manifest.artifacts) == 2 and manifest.weights["sha256"] == source.sha256
+
+
+def test_config_and_student_choices():
+    with pytest.raises(ConfigError, match="real teacher runs at 1024"):
+        DistillConfig(teacher_checkpoint=Path("sam_vit_h.pth"), image_size=256)
+    with pytest.raises(ConfigError, match="image_size"):
+        DistillConfig(image_size=100)
+    with pytest.raises(ConfigError, match="teacher_type"):
+        load_distill_config(None, teacher_type="vit_x")
+    student = build_student("resnet18", IMAGE_SIZE, seed=0)
+    assert student(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)).shape == (1, 256, 4, 4)
+    with pytest.raises(ConfigError, match="timm cannot build"):
+        build_student("no_such_backbone_xyz", IMAGE_SIZE, seed=0)
+
+
+def test_learning_rate_schedule():
+    factors = [learning_rate_factor(step, warmup=5, total=50, min_ratio=0.01) for step in range(50)]
+    assert factors[0] == pytest.approx(0.2) and factors[4] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
+    assert factors[-1] == pytest.approx(0.01, abs=2e-3)
