@@ -110,10 +110,11 @@ def image_input(module: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
 
 
 def exported_program(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Any:
-    """torch.export, then the core-ATen decompositions.
+    """torch.export, then `run_decompositions({})` to the ATen dialect.
 
-    Why: coremltools 9.0's torch frontend reads ATen ops, and without `run_decompositions({})`
-    the exported program still holds composite training-IR ops that it has no converter for.
+    Why: coremltools 9.0 refuses torch 2.13's exported programs as they come ("NotImplementedError:
+    Conversion for models with only ATEN or EDGE dialect is supported/tested. Provided Dialect:
+    TRAINING. Run '.run_decompositions({})' on your exported PyTorch Model prior to conversion.").
     """
     return torch.export.export(module, example_inputs, strict=True).run_decompositions({})
 
