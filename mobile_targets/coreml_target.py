@@ -172,7 +172,10 @@ def compress_weights(model: Any, precision: str) -> Any:
                 mode="kmeans", nbits=6, granularity="per_tensor", weight_threshold=WEIGHT_THRESHOLD
             )
         )
-        return cto.palettize_weights(model, config=config)
+        try:
+            return cto.palettize_weights(model, config=config)
+        except ModuleNotFoundError as error:  # k-means lives in scikit-learn
+            raise PipelineError(f"6-bit palettization needs a package that is not installed: {error}") from None
     raise PipelineError(f"coreml has no weight compression called {precision!r}")
 
 
