@@ -7,6 +7,7 @@ embeddings, AdamW, 8 epochs) at 1024; `distillation/configs/smoke.toml` is the s
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -98,6 +99,6 @@ def load_distill_config(path: Path | None, **overrides: Any) -> DistillConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ConfigError(f"{path}: unknown distill keys {unknown}; expected some of {sorted(known)}")
-        raw = {k: (path.parent / v if k in _PATHS and v else v) for k, v in raw.items()}
+        raw = {k: (Path(os.path.normpath(path.parent / v)) if k in _PATHS and v else v) for k, v in raw.items()}
     config = DistillConfig(**raw)
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})
