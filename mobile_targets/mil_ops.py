@@ -268,6 +268,17 @@ def _conv_padding(
     raise ValueError(f"conv pad_type {pad_type!r} is not one of valid, custom, same, same_lower")
 
 
+def _conv_settings(weight: torch.Tensor, strides: Any, dilations: Any, groups: Any) -> tuple[int, list, list, int]:
+    """Spatial rank, strides, dilations and groups with MIL's defaults (1s, one group)."""
+    rank = weight.dim() - 2
+    return (
+        rank,
+        _ints(strides) if strides is not None else [1] * rank,
+        _ints(dilations) if dilations is not None else [1] * rank,
+        1 if groups is None else _int(groups),
+    )
+
+
 @kernel("conv")
 def conv(
     x: torch.Tensor,
@@ -279,15 +290,13 @@ def conv(
     dilations: Any = None,
     groups: Any = None,
 ) -> torch.Tensor:
-    spatial_rank = weight.dim() - 2
-    strides_ = _ints(strides) if strides is not None else [1] * spatial_rank
-    dilations_ = _ints(dilations) if dilations is not None else [1] * spatial_rank
+    spatial_rank, strides_, dilations_, groups_ = _conv_settings(weight, strides, dilations, groups)
     padding = _conv_padding(pad_type, pad, list(x.shape[2:]), list(weight.shape[2:]), strides_, dilations_)
     torch_pad = [p for i in reversed(range(spatial_rank)) for p in padding[2 * i : 2 * i + 2]]
     if any(torch_pad):
         x = F.pad(x, torch_pad)
     function = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial_rank]
-    return function(x, weight, bias, stride=strides_, dilation=dilations_, groups=1 if groups is None else _int(groups))
+    return function(x, weight, bias, stride=strides_, dilation=dilations_, groups=groups_)
 
 
 @kernel("conv_transpose")
@@ -303,11 +312,9 @@ def conv_transpose(
     groups: Any = None,
 ) -> torch.Tensor:
     """Weight is [C_in, C_out/groups, *kernel], as torch's; a custom pad crops the full output."""
-    spatial_rank = weight.dim() - 2
-    strides_ = _ints(strides) if strides is not None else [1] * spatial_rank
-    dilations_ = _ints(dilations) if dilations is not None else [1] * spatial_rank
+    spatial_rank, strides_, dilations_, groups_ = _conv_settings(weight, strides, dilations, groups)
     function = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[spatial_rank]
-    full = function(x, weight, bias, stride=strides_, dilation=dilations_, groups=1 if groups is None else _int(groups))
+    full = function(x, weight, bias, stride=strides_, dilation=dilations_, groups=groups_)
     if pad_type == "custom" and pad is not None:
         crops = _ints(pad)
     elif pad_type == "valid":
