@@ -8,11 +8,11 @@ embeddings, AdamW, 8 epochs) at 1024; `distillation/configs/smoke.toml` is the s
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import read_toml_table
 from pipeline.errors import ConfigError
 from pipeline.model import TEACHER_TYPES
 
@@ -70,10 +70,6 @@ class DistillConfig:
             raise ConfigError(f"held_out must be at least 1 (the evaluation needs images), got {self.held_out}")
 
     @property
-    def embedding_size(self) -> int:
-        return self.image_size // 16
-
-    @property
     def random_teacher(self) -> bool:
         return self.teacher_checkpoint is None
 
@@ -85,20 +81,11 @@ _PATHS = {"teacher_checkpoint", "images", "out_dir"}
 
 
 def load_distill_config(path: Path | None, **overrides: Any) -> DistillConfig:
+    """A `[distill]` table (or top-level keys) from TOML, then the command line's overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            document = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{path} is not valid TOML: {error}") from None
-        raw = document.get("distill", document)
-        known = {f.name for f in fields(DistillConfig)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"{path}: unknown distill keys {unknown}; expected some of {sorted(known)}")
+        raw = read_toml_table(path, {f.name for f in fields(DistillConfig)}, table="distill")
         raw = {k: (Path(os.path.normpath(path.parent / v)) if k in _PATHS and v else v) for k, v in raw.items()}
     config = DistillConfig(**raw)
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -11,17 +11,16 @@ from __future__ import annotations
 import io
 import tarfile
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from segment_anything.utils.transforms import ResizeLongestSide
 
 from pipeline.contract import PIXEL_MEAN, PIXEL_STD
 from pipeline.datasets import IMAGE_SUFFIXES, default_dataset_dir
 from pipeline.errors import PipelineError
+from pipeline.processing import prepare_image
 
 
 @dataclass(frozen=True)
@@ -30,20 +29,19 @@ class ImageSource:
     path: Path
     member: str | None = None
     """Member name inside the tar at `path` (SA-1B tars); None for a plain file."""
+    offset: int = 0
+    size: int | None = None
+    """Where a tar member's bytes lie: read directly, since reopening a tar of thousands of
+    members to find one by name scans the whole archive on every image of every epoch."""
 
     def read_rgb(self) -> np.ndarray:
         try:
-            if self.member is None:
-                data = self.path.read_bytes()
-            else:
-                with tarfile.open(self.path) as archive:
-                    handle = archive.extractfile(self.member)
-                    if handle is None:
-                        raise OSError(f"{self.member} is not a file")
-                    data = handle.read()
+            with self.path.open("rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read() if self.size is None else handle.read(self.size)
             with Image.open(io.BytesIO(data)) as image:
                 return np.asarray(image.convert("RGB"))
-        except (OSError, ValueError, tarfile.TarError) as error:
+        except (OSError, ValueError) as error:
             raise PipelineError(f"cannot read image {self.key}: {error}") from None
 
 
@@ -57,10 +55,12 @@ def discover_images(root: Path | None) -> list[ImageSource]:
     for tar in tars:
         try:
             with tarfile.open(tar) as archive:
-                members = sorted(m.name for m in archive.getmembers() if m.isfile() and _is_image(m.name))
+                members = [m for m in archive.getmembers() if m.isfile() and _is_image(m.name)]
         except tarfile.TarError as error:
             raise PipelineError(f"{tar} is not a readable SA-1B tar: {error}") from None
-        sources += [ImageSource(f"{tar.relative_to(root)}/{m}", tar, m) for m in members]
+        sources += [
+            ImageSource(f"{tar.relative_to(root)}/{m.name}", tar, m.name, m.offset_data, m.size) for m in members
+        ]
     if not tars:
         sources = [ImageSource(str(p.relative_to(root)), p) for p in sorted(root.rglob("*")) if _is_image(p.name)]
     if not sources:
@@ -72,22 +72,11 @@ def _is_image(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
-@cache
-def _resizer(image_size: int) -> ResizeLongestSide:
-    return ResizeLongestSide(image_size)
-
-
 def prepare_for_encoder(image: np.ndarray, image_size: int) -> torch.Tensor:
-    """3xSxS float32 as SAM's encoders take it: resized, normalized, zero-padded bottom-right
-    (the same values as the contract's mean padding followed by the in-graph normalization)."""
-    resized = _resizer(image_size).apply_image(image)
-    tensor = torch.from_numpy(resized.astype(np.float32)).permute(2, 0, 1)
-    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
-    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
-    normalized = (tensor - mean) / std
-    out = torch.zeros(3, image_size, image_size)
-    out[:, : normalized.shape[1], : normalized.shape[2]] = normalized
-    return out
+    """3xSxS float32 as SAM's encoders take it: the contract's mean-padded image, normalized
+    (padding becomes exactly 0, as in SamPredictor)."""
+    pixels = torch.from_numpy(prepare_image(image, image_size).image[0])
+    return (pixels - torch.tensor(PIXEL_MEAN).view(3, 1, 1)) / torch.tensor(PIXEL_STD).view(3, 1, 1)
 
 
 def split_held_out(sources: list[ImageSource], held_out: int) -> tuple[list[ImageSource], list[ImageSource]]:

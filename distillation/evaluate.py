@@ -9,7 +9,6 @@ points and a central box. Masks are compared at the photo's resolution (SamPredi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,12 +28,22 @@ class EvalPrompt:
     box: np.ndarray | None = None
 
 
-def prompts_for(source: ImageSource, image: np.ndarray, coco: CocoPhotos | None, count: int) -> list[EvalPrompt]:
+@dataclass(frozen=True)
+class Annotations:
+    """COCO instances beside the image folder, found by file name."""
+
+    coco: CocoPhotos
+    image_ids: dict[str, int]
+
+
+def prompts_for(
+    source: ImageSource, image: np.ndarray, annotations: Annotations | None, count: int
+) -> list[EvalPrompt]:
     """A point and a box per annotated instance (largest first), or a grid for unannotated photos."""
     prompts: list[EvalPrompt] = []
-    if coco is not None:
-        by_name = {Path(coco.image_path(i)).name: i for i in coco.image_ids()}
-        image_id = by_name.get(source.path.name)
+    if annotations is not None:
+        coco = annotations.coco
+        image_id = annotations.image_ids.get(source.path.name)
         if image_id is not None:
             instances = sorted(coco.instances(image_id), key=lambda inst: -int(inst.mask.sum()))[:count]
             for instance in instances:
@@ -52,13 +61,14 @@ def prompts_for(source: ImageSource, image: np.ndarray, coco: CocoPhotos | None,
     return prompts
 
 
-def _annotations(sources: list[ImageSource]) -> CocoPhotos | None:
+def _annotations(sources: list[ImageSource]) -> Annotations | None:
     if not sources or sources[0].member is not None:
         return None
     folder = sources[0].path.parent
     for candidate in (folder / "instances.json", folder.parent / "instances.json"):
         if candidate.is_file():
-            return CocoPhotos(folder, candidate)
+            coco = CocoPhotos(folder, candidate)
+            return Annotations(coco, {coco.image_path(i).name: i for i in coco.image_ids()})
     return None
 
 
@@ -77,19 +87,19 @@ def evaluate_student(
     with torch.no_grad():
         for source in sources:
             prediction = student(prepare_for_encoder(source.read_rgb(), image_size)[None])[0]
-            errors.append(float(torch.mean((prediction - targets[source.key]) ** 2)))
+            errors.append(float(torch.mean((prediction - targets[source.key].float()) ** 2)))
     result: dict = {"images": len(sources), "embedding_mse": float(np.mean(errors)), "embedding_mse_per_image": errors}
     if not with_masks:
         return result
     student_predictor = SamPredictor(sam_at_size(student, teacher, image_size))
     teacher_predictor = SamPredictor(sam_at_size(teacher.image_encoder, teacher, image_size))
-    coco = _annotations(sources)
+    annotations = _annotations(sources)
     ious: dict[str, list[float]] = {"point": [], "box": []}
     for source in sources:
         image = source.read_rgb()
         student_predictor.set_image(image)
         teacher_predictor.set_image(image)
-        for prompt in prompts_for(source, image, coco, prompts_per_image):
+        for prompt in prompts_for(source, image, annotations, prompts_per_image):
             arguments = {
                 "point_coords": prompt.point,
                 "point_labels": None if prompt.point is None else np.ones(len(prompt.point)),

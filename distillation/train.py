@@ -108,7 +108,7 @@ def _autocast(config: DistillConfig, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
 
 
-def _state_identity(config: DistillConfig, world: World, count: int) -> dict[str, Any]:
+def _state_identity(config: DistillConfig, count: int) -> dict[str, Any]:
     """What a saved state must agree on to be resumed (world size may change; the data order not)."""
     keys = ("student", "image_size", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_steps", "seed")
     return {**{k: getattr(config, k) for k in keys}, "train_images": count}
@@ -149,7 +149,7 @@ def train_student(
         optimizer, lambda step: learning_rate_factor(step, config.warmup_steps, total_steps, config.min_lr_ratio)
     )
     scaler = torch.amp.GradScaler(enabled=config.mixed_precision == "fp16" and world.device.type == "cuda")
-    identity = _state_identity(config, world, len(sources))
+    identity = _state_identity(config, len(sources))
     step = _resume(out_dir / STATE_NAME, identity, student, optimizer, schedule, world)
     losses: list[float] = []
     start_step, start_time = step, time.perf_counter()
@@ -167,7 +167,7 @@ def train_student(
             for buffer, saved in zip(buffers, before, strict=True):
                 buffer.copy_(saved)
             images = torch.stack([prepare_for_encoder(sources[i].read_rgb(), config.image_size) for i in indices])
-            target = torch.stack([targets[sources[i].key] for i in indices]).to(world.device)
+            target = torch.stack([targets[sources[i].key] for i in indices]).to(world.device, torch.float32)
             last = index == len(micro) - 1
             sync = contextlib.nullcontext() if last or world.size == 1 else model.no_sync()
             with sync:

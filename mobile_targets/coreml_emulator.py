@@ -239,13 +239,11 @@ class MilProgram:
         if function not in program.functions:
             raise ArtifactError(f"{self.package}: no function {function!r} (has {list(program.functions)})")
         main = program.functions[function]
-        self.opset = main.opset
         block = main.block_specializations[main.opset]
         self.inputs = {spec.name: _tensor_type(spec.type) for spec in main.inputs}
         self.output_names = tuple(block.outputs)
         weights = _WeightFiles(self.package)
         self.constants: dict[str, Any] = {}
-        self.constant_dtypes: dict[str, str] = {}
         self.operations: list[Operation] = []
         self.var_shapes: dict[str, tuple[int, ...] | None] = {n: t.shape for n, t in self.inputs.items()}
         for op in block.operations:
@@ -260,7 +258,6 @@ class MilProgram:
             )
         if op.type == "const":
             self.constants[name] = _decode_value(op.attributes["val"], weights)
-            self.constant_dtypes[name] = _tensor_type(op.attributes["val"].type).dtype
             return
         if op.type not in KERNELS:
             raise UnsupportedOpError(
@@ -272,12 +269,7 @@ class MilProgram:
             if key != "name":
                 arguments[key] = ("value", _decode_value(attribute, weights))
         for key, argument in op.inputs.items():
-            bound = [
-                ("var", binding.name)
-                if binding.WhichOneof("binding") == "name"
-                else ("value", _decode_value(binding.value, weights))
-                for binding in argument.arguments
-            ]
+            bound = [_binding(binding, weights) for binding in argument.arguments]
             arguments[key] = ("list", bound) if (op.type, key) in VARIADIC_INPUTS or len(bound) > 1 else bound[0]
         outputs = tuple((output.name, _tensor_type(output.type)) for output in op.outputs)
         operation = Operation(op.type, name, arguments, outputs)
@@ -286,9 +278,8 @@ class MilProgram:
         if op.type.startswith("constexpr_"):
             # compressed weights: decompress once, in the declared dtype, as Core ML does at load
             values = self._execute(operation, self.constants, "fp16")
-            for (output_name, output_type), value in zip(outputs, values, strict=True):
+            for (output_name, _), value in zip(outputs, values, strict=True):
                 self.constants[output_name] = value
-                self.constant_dtypes[output_name] = output_type.dtype
             return
         self.operations.append(operation)
 

@@ -63,21 +63,29 @@ _PATH_FIELDS = {"checkpoint", "out_dir"}
 _TUPLE_FIELDS = {"targets", "precisions"}
 
 
+def read_toml_table(path: Path, known: set[str], table: str | None = None) -> dict[str, Any]:
+    """The top-level keys of a TOML file (or of its `[table]`, when there is one), each checked
+    against `known`; relative paths stay the caller's to resolve against `path.parent`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        document = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    raw = document.get(table, document) if table else document
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown}; expected some of {sorted(known)}")
+    return raw
+
+
 def load_config(path: Path | None) -> RunConfig:
     """Read a TOML file whose top-level keys are RunConfig's fields (all optional)."""
     if path is None:
         return RunConfig()
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path} is not valid TOML: {error}") from None
-    known = {f.name for f in fields(RunConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{path}: unknown keys {unknown}; expected some of {sorted(known)}")
+    raw = read_toml_table(path, {f.name for f in fields(RunConfig)})
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key in _PATH_FIELDS:

@@ -41,13 +41,15 @@ class Prompt:
         return (0 if self.points is None else len(self.points)) + (0 if self.box is None else 2)
 
 
-def prepare_image(image: np.ndarray) -> PreparedImage:
-    """Resize like SamPredictor (longest side 1024) and pad bottom-right with the pixel mean."""
+def prepare_image(image: np.ndarray, image_size: int = IMAGE_SIZE) -> PreparedImage:
+    """Resize like SamPredictor (longest side 1024) and pad bottom-right with the pixel mean.
+
+    Other sizes serve only the distill stage's small smoke runs; the contract is 1024."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise PromptError(f"image must be HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}")
-    resized = _RESIZE.apply_image(image)
+    resized = (_RESIZE if image_size == IMAGE_SIZE else ResizeLongestSide(image_size)).apply_image(image)
     height, width = resized.shape[:2]
-    padded = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    padded = np.empty((image_size, image_size, 3), dtype=np.float32)
     padded[...] = np.asarray(PIXEL_MEAN, dtype=np.float32)
     padded[:height, :width] = resized
     return PreparedImage(

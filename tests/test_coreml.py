@@ -139,7 +139,12 @@ def test_point_encoding_stays_fp32_in_the_fp16_decoder(coreml_run):
     trig = [op for op in program.operations if op.type in ("sin", "cos")]
     assert trig and all(op.outputs[0][1].dtype == "FLOAT32" for op in trig)
     assert sum(dtype == "FLOAT16" for dtype in dtypes.values()) > 0.9 * len(dtypes) - 20
-    compressed = MilProgram(_package(coreml_run, "image_encoder", "palettize6"))
+
+
+@pytest.mark.parametrize("precision", ["int8", "palettize6"])
+def test_compressed_weights_are_decompressed_at_load(coreml_run, precision):
+    """constexpr_* ops become constants when the package loads: the ops that run are fp16's."""
+    compressed = MilProgram(_package(coreml_run, "image_encoder", precision))
     assert compressed.op_types == MilProgram(_package(coreml_run, "image_encoder", "fp16")).op_types
 
 

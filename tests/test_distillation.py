@@ -193,10 +193,10 @@ def test_student_checkpoint_goes_through_convert(uninterrupted, tmp_path):
 
     checkpoint = uninterrupted / "mobile_sam.pt"
     sam, source = load_model("vit_t", checkpoint)  # strict, official layout
-    student = _weights(uninterrupted)
+    student, encoder = _weights(uninterrupted), sam.image_encoder.state_dict()
+    assert student.keys() == encoder.keys()
     for key, value in student.items():
-        if key in sam.image_encoder.state_dict():
-            torch.testing.assert_close(sam.image_encoder.state_dict()[key], value)
+        torch.testing.assert_close(encoder[key], value, rtol=0, atol=0, msg=key)
     config = RunConfig(checkpoint=checkpoint, precisions=("fp16",), out_dir=tmp_path)
     manifest = read_manifest(convert_target("coreml", config))
     assert len(manifest.artifacts) == 2 and manifest.weights["sha256"] == source.sha256
