@@ -4,7 +4,8 @@ Converts the prompt decoder to fp16 twice (with the fp32 point-encoding patch an
 fp16 everywhere), runs both in the MIL emulator on real photos with point and box prompts, and
 prints each one's mask-logit PSNR and mask IoU against PyTorch fp32, and their ratio of errors.
 
-    PYTHONPATH=. python benchmarks/coreml_point_encoding.py [--checkpoint mobile_sam.pt] [--images 6]
+    PYTHONPATH=. python benchmarks/coreml_point_encoding.py [--checkpoint mobile_sam.pt] [--max-images 6]
+        [--images DIR --annotations FILE]   (default: the sample calibration photos)
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mobile_targets.convert import build_parts, instance_prompt
+from mobile_targets.convert import build_parts, example_prompts
 from mobile_targets.coreml_target import TARGET
 from pipeline.checkpoints import load_model
 from pipeline.config import RunConfig
-from pipeline.datasets import CocoPhotos
+from pipeline.datasets import photos_from_options
 from pipeline.metrics import mask_iou, psnr_db
 from pipeline.predictor import ReferencePredictor
 from pipeline.processing import Prompt, prepare_image, prompt_to_decoder_inputs, upscale_masks
@@ -28,10 +29,12 @@ from pipeline.processing import Prompt, prepare_image, prompt_to_decoder_inputs,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", type=Path)
-    parser.add_argument("--images", type=int, default=6)
+    parser.add_argument("--max-images", type=int, default=6)
+    parser.add_argument("--images", type=Path)
+    parser.add_argument("--annotations", type=Path)
     args = parser.parse_args()
     sam, weights = load_model("vit_t", args.checkpoint, 0)
-    photos = CocoPhotos.default()
+    photos = photos_from_options(args.images, args.annotations, default="calibration")
     decoder = build_parts(RunConfig(), sam, photos, 0)[1]
     runners = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -42,12 +45,11 @@ def main() -> None:
             runners[variant] = target.load_runner(path, decoder.contract)
         reference = ReferencePredictor(sam)
         scores: dict[str, dict[str, list[float]]] = {v: {"psnr": [], "iou": [], "err": []} for v in runners}
-        for image_id in photos.image_ids()[: args.images]:
+        for image_id in photos.image_ids()[: args.max_images]:
             image = photos.image(image_id)
             embeddings = reference.set_image(image)
             prepared = prepare_image(image)
-            for instance in photos.instances(image_id)[:4]:
-                full = instance_prompt(instance.mask, instance.bbox)
+            for full in example_prompts(photos, image_id, image.shape, count=4):
                 for prompt in (full, Prompt(points=full.points, labels=full.labels)):
                     expected = reference.predict(prompt, multimask_output=False)
                     inputs = prompt_to_decoder_inputs(prompt, prepared.original_size)

@@ -23,7 +23,7 @@ from distillation.teacher_cache import build_teacher_cache, load_teacher_cache
 from distillation.train import init_world, train_student
 from pipeline.checkpoints import save_checkpoint
 from pipeline.cli import run_main, setup_logging
-from pipeline.files import atomic_write_json
+from pipeline.files import atomic_write_json, sha256_file
 
 log = logging.getLogger("distillation")
 
@@ -125,7 +125,10 @@ def main() -> int:
         report["before"] = evaluate_student(
             student, teacher, held_out, targets, config.image_size, config.eval_prompts_per_image
         )
-    report["training"] = train_student(student, train_sources, targets, config, out, world)
+    teacher_sha256 = sha256_file(config.teacher_checkpoint) if config.teacher_checkpoint else None
+    report["training"] = train_student(
+        student, train_sources, targets, config, out, world, teacher_sha256=teacher_sha256
+    )
     student = student.cpu().eval()
     if world.is_main:
         if evaluate:

@@ -25,7 +25,8 @@ class DistillConfig:
     teacher_checkpoint: Path | None = None
     """Official SAM checkpoint; without one, a seeded random teacher (a smoke run, said plainly)."""
     images: Path | None = None
-    """A folder of images (recursive) or of SA-1B `sa_*.tar` files; default: ../shared/data/coco-cc-train."""
+    """A folder of images (recursive) or of SA-1B `sa_*.tar` files; default: the 13 sample photos shipped
+    in pipeline/sample_photos (calibration/ then validation/, so held_out = 4 holds out the validation split)."""
     max_images: int | None = None
     held_out: int = 8
     """The last images (sorted order) are never trained on; the evaluation uses them."""

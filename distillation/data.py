@@ -8,6 +8,7 @@ distillation only uses the images). Every image gets a stable key (relative path
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from pipeline.contract import PIXEL_MEAN, PIXEL_STD
-from pipeline.datasets import IMAGE_SUFFIXES, default_dataset_dir
+from pipeline.datasets import IMAGE_SUFFIXES, SAMPLE_DIR
 from pipeline.errors import PipelineError
 from pipeline.processing import prepare_image
 
@@ -47,7 +48,7 @@ class ImageSource:
 
 def discover_images(root: Path | None) -> list[ImageSource]:
     """Images under `root`, sorted by key: SA-1B tars if there are any, else image files."""
-    root = Path(root) if root is not None else default_dataset_dir() / "images"
+    root = Path(root) if root is not None else SAMPLE_DIR  # calibration/ sorts before validation/
     if not root.is_dir():
         raise PipelineError(f"image folder not found: {root}")
     tars = sorted(root.rglob("sa_*.tar"))
@@ -83,3 +84,11 @@ def split_held_out(sources: list[ImageSource], held_out: int) -> tuple[list[Imag
     if len(sources) <= held_out:
         raise PipelineError(f"{len(sources)} images leave none to train on with held_out={held_out}")
     return sources[:-held_out], sources[-held_out:]
+
+
+def image_list_digest(sources: list[ImageSource]) -> str:
+    """sha256 of the ordered image keys (with tar offsets): the data a resumed run must see again."""
+    digest = hashlib.sha256()
+    for source in sources:
+        digest.update(f"{source.key}\0{source.offset}\0{source.size}\n".encode())
+    return digest.hexdigest()

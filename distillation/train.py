@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from distillation.config import DistillConfig
-from distillation.data import ImageSource, prepare_for_encoder
+from distillation.data import ImageSource, image_list_digest, prepare_for_encoder
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.files import atomic_write_bytes
 
@@ -108,10 +108,34 @@ def _autocast(config: DistillConfig, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
 
 
-def _state_identity(config: DistillConfig, count: int) -> dict[str, Any]:
-    """What a saved state must agree on to be resumed (world size may change; the data order not)."""
-    keys = ("student", "image_size", "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_steps", "seed")
-    return {**{k: getattr(config, k) for k in keys}, "train_images": count}
+IDENTITY_FIELDS = (
+    "teacher_type",
+    "student",
+    "image_size",
+    "cache_dtype",
+    "epochs",
+    "batch_size",
+    "accumulation",
+    "learning_rate",
+    "weight_decay",
+    "warmup_steps",
+    "min_lr_ratio",
+    "seed",
+    "mixed_precision",
+)
+"""Every config field that changes the trained weights. Not here: world size (the result does not
+depend on it), out_dir, checkpoint_every and the evaluation settings."""
+
+
+def state_identity(config: DistillConfig, sources: list[ImageSource], teacher_sha256: str | None) -> dict[str, Any]:
+    """What a saved state must agree on to be resumed: the teacher (type, checkpoint sha256 or
+    random seed), the training images (count and a digest of the ordered list) and the schedule."""
+    return {
+        **{k: getattr(config, k) for k in IDENTITY_FIELDS},
+        "teacher_sha256": teacher_sha256,
+        "train_images": len(sources),
+        "train_images_sha256": image_list_digest(sources),
+    }
 
 
 def train_student(
@@ -122,8 +146,12 @@ def train_student(
     out_dir: Path,
     world: World | None = None,
     stop_after_steps: int | None = None,
+    teacher_sha256: str | None = None,
 ) -> dict[str, Any]:
-    """Train `student` in place; returns a summary (steps, losses, images/s)."""
+    """Train `student` in place; returns a summary (steps, losses, images/s).
+
+    `teacher_sha256` (None for a random teacher, whose seed is in the config) is part of the
+    identity a saved state must match to be resumed."""
     world = world or init_world()
     out_dir = Path(out_dir)
     if config.batch_size % (world.size * config.accumulation):
@@ -149,7 +177,7 @@ def train_student(
         optimizer, lambda step: learning_rate_factor(step, config.warmup_steps, total_steps, config.min_lr_ratio)
     )
     scaler = torch.amp.GradScaler(enabled=config.mixed_precision == "fp16" and world.device.type == "cuda")
-    identity = _state_identity(config, len(sources))
+    identity = state_identity(config, sources, teacher_sha256)
     step = _resume(out_dir / STATE_NAME, identity, student, optimizer, schedule, world)
     losses: list[float] = []
     start_step, start_time = step, time.perf_counter()

@@ -27,3 +27,12 @@ def get_target(name: str) -> Target:
     except ImportError as error:
         raise PipelineError(f"target {name} needs a package that is not installed: {error}") from None
     return module.TARGET
+
+
+def check_target_options(options: dict[str, object]) -> None:
+    """`[target_options.X]` / `--target-option X.key=value` must name a known target."""
+    unknown = sorted(set(options) - set(TARGET_MODULES))
+    if unknown:
+        raise PipelineError(
+            f"target options for unknown targets {unknown}; expected some of {', '.join(TARGET_MODULES)}"
+        )

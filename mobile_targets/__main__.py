@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
+from pathlib import Path
 
 from mobile_targets import target_names
 from mobile_targets.convert import convert_target
 from pipeline.cli import run_main, setup_logging
 from pipeline.config import add_run_arguments, config_from_args
+from pipeline.datasets import photos_from_options
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def main() -> int:
@@ -15,15 +25,22 @@ def main() -> int:
     parser.add_argument("target", choices=target_names())
     add_run_arguments(parser)
     parser.add_argument("--precisions", nargs="+", help="subset of the config's precisions")
-    parser.add_argument("--calibration-images", type=int, default=8, help="real photos for int8 calibration")
+    parser.add_argument(
+        "--calibration-images", type=non_negative, default=8, help="real photos for int8 calibration (default 8)"
+    )
+    parser.add_argument(
+        "--images",
+        type=Path,
+        help="photos for the example and calibration (default: the calibration photos in pipeline/sample_photos)",
+    )
+    parser.add_argument("--annotations", type=Path, help="COCO instances file for --images (prompts from instances)")
     args = parser.parse_args()
     setup_logging()
     config = config_from_args(args)
     if args.precisions:
-        from dataclasses import replace
-
         config = replace(config, precisions=tuple(args.precisions))
-    convert_target(args.target, config, calibration_images=args.calibration_images)
+    photos = photos_from_options(args.images, args.annotations, default="calibration")
+    convert_target(args.target, config, calibration_images=args.calibration_images, photos=photos)
     return 0
 
 

@@ -30,6 +30,8 @@ class PartToConvert:
     """Real-photo inputs for post-training quantization (empty when a precision needs none)."""
     weights_description: str = ""
     """Where the weights came from, for formats that carry metadata (Core ML)."""
+    architecture: str = "MobileSAM (TinyViT-5M image encoder)"
+    """The model's real architecture (pipeline.model.describe_architecture), for metadata."""
 
     @property
     def name(self) -> str:

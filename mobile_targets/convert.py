@@ -8,6 +8,8 @@ conversion); only a file that passes replaces the earlier one.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,17 +17,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mobile_targets import get_target
+from mobile_targets import check_target_options, get_target
 from mobile_targets.base import PartToConvert, Runner, Target
-from pipeline.checkpoints import load_model
+from pipeline.checkpoints import WeightsSource, load_model
 from pipeline.config import RunConfig
 from pipeline.contract import decoder_contract, encoder_contract
-from pipeline.datasets import CocoPhotos
-from pipeline.errors import ArtifactError, ConfigError
+from pipeline.datasets import CocoPhotos, Photos
+from pipeline.errors import ArtifactError, ConfigError, one_line
 from pipeline.export_wrappers import ImageEncoderForExport, PromptDecoderForExport
 from pipeline.files import atomic_produce
-from pipeline.manifest import MANIFEST_NAME, ArtifactRecord, Manifest, read_manifest, tool_versions, verify_artifact
-from pipeline.metrics import max_abs_error, psnr_db
+from pipeline.manifest import (
+    MANIFEST_NAME,
+    ArtifactRecord,
+    ConversionFailure,
+    Manifest,
+    read_manifest,
+    same_weights,
+    tool_versions,
+    verify_artifact,
+)
+from pipeline.metrics import max_abs_error, psnr_db, require_finite
+from pipeline.model import describe_architecture
 from pipeline.processing import Prompt, prepare_image, prompt_to_decoder_inputs
 
 log = logging.getLogger(__name__)
@@ -35,20 +47,37 @@ GATE_PSNR_DB = {"fp32": 60.0, "fp16": 30.0, "int8": 10.0, "palettize6": 10.0}
 conversion. Loose for quantized files: they are scored properly by the validate stage."""
 
 
-def instance_prompt(instance_mask: np.ndarray, bbox: tuple[float, float, float, float]) -> Prompt:
-    """A foreground point inside the instance plus its box: a prompt real apps send."""
-    ys, xs = np.nonzero(instance_mask)
-    middle = len(xs) // 2
-    x, y, w, h = bbox
-    return Prompt(
-        points=np.array([[xs[middle], ys[middle]]], dtype=np.float32),
-        labels=np.array([1.0], dtype=np.float32),
-        box=np.array([x, y, x + w, y + h], dtype=np.float32),
-    )
+def example_prompts(photos: Photos, image_id: int, image_shape: tuple[int, ...], count: int = 2) -> list[Prompt]:
+    """A foreground point inside an instance plus its box (prompts real apps send); photos
+    without ground truth get the photo's centre point and a box around its middle half."""
+    prompts = []
+    for instance in photos.instances(image_id)[:count]:
+        ys, xs = np.nonzero(instance.mask)
+        if len(xs) == 0:
+            continue
+        middle = len(xs) // 2
+        x, y, w, h = instance.bbox
+        prompts.append(
+            Prompt(
+                points=np.array([[xs[middle], ys[middle]]], dtype=np.float32),
+                labels=np.array([1.0], dtype=np.float32),
+                box=np.array([x, y, x + w, y + h], dtype=np.float32),
+            )
+        )
+    if not prompts:
+        height, width = image_shape[:2]
+        prompts.append(
+            Prompt(
+                points=np.array([[width / 2, height / 2]], dtype=np.float32),
+                labels=np.array([1.0], dtype=np.float32),
+                box=np.array([width / 4, height / 4, 3 * width / 4, 3 * height / 4], dtype=np.float32),
+            )
+        )
+    return prompts
 
 
 def build_parts(
-    config: RunConfig, sam: torch.nn.Module, photos: CocoPhotos, calibration_images: int
+    config: RunConfig, sam: torch.nn.Module, photos: Photos, calibration_images: int
 ) -> list[PartToConvert]:
     """Both export wrappers with example inputs (first photo) and calibration inputs (next photos)."""
     encoder = ImageEncoderForExport(sam).eval()
@@ -63,20 +92,22 @@ def build_parts(
         with torch.no_grad():
             embeddings = encoder(image_tensor)
         encoder_inputs.append((image_tensor,))
-        for instance in photos.instances(image_id)[:2]:
-            named = prompt_to_decoder_inputs(
-                instance_prompt(instance.mask, instance.bbox), prepared.original_size, config.num_points
-            )
+        for prompt in example_prompts(photos, image_id, image.shape):
+            named = prompt_to_decoder_inputs(prompt, prepared.original_size, config.num_points)
             named["image_embeddings"] = embeddings.numpy()
             decoder_inputs.append(tuple(torch.from_numpy(named[n]) for n in contract.input_names))
+    architecture = describe_architecture(config.model_type)
     return [
-        PartToConvert(encoder, encoder_contract(), encoder_inputs[0], tuple(encoder_inputs[1:])),
-        PartToConvert(decoder, contract, decoder_inputs[0], tuple(decoder_inputs[1:])),
+        PartToConvert(
+            encoder, encoder_contract(), encoder_inputs[0], tuple(encoder_inputs[1:]), architecture=architecture
+        ),
+        PartToConvert(decoder, contract, decoder_inputs[0], tuple(decoder_inputs[1:]), architecture=architecture),
     ]
 
 
 def parity_gate(runner: Runner, part: PartToConvert, precision: str) -> dict[str, dict[str, float]]:
-    """Run the fresh file on the example photo; fail if any output's PSNR is under the gate."""
+    """Run the fresh file on the example photo; fail if any output is non-finite (in the file or
+    in PyTorch) or its PSNR is under the gate."""
     with torch.no_grad():
         expected = part.module(*part.example_inputs)
     expected = expected if isinstance(expected, tuple) else (expected,)
@@ -85,11 +116,13 @@ def parity_gate(runner: Runner, part: PartToConvert, precision: str) -> dict[str
     results = {}
     for name, reference in zip(part.contract.output_names, expected, strict=True):
         reference = reference.numpy()
+        require_finite(reference, f"{part.name}: PyTorch's own output {name}")
+        require_finite(actual[name], f"{part.name} {precision}: output {name} of the converted file")
         results[name] = {
             "psnr_db": psnr_db(reference, actual[name]),
             "max_abs_error": max_abs_error(reference, actual[name]),
         }
-        if results[name]["psnr_db"] < GATE_PSNR_DB[precision]:
+        if not results[name]["psnr_db"] >= GATE_PSNR_DB[precision]:
             raise ArtifactError(
                 f"{part.name} {precision}: output {name} has PSNR {results[name]['psnr_db']:.1f} dB against "
                 f"PyTorch, under the {GATE_PSNR_DB[precision]:.0f} dB gate; the earlier file is kept"
@@ -110,39 +143,92 @@ def convert_one(target: Target, part: PartToConvert, precision: str, path: Path)
     return details
 
 
-def kept_earlier_records(
-    out: Path, weights: dict, config: RunConfig, new_records: list[ArtifactRecord]
-) -> list[ArtifactRecord]:
-    """Records of an earlier run in the same folder that this run did not redo.
+class ManifestKeeper:
+    """Keeps `<out>/<target>/manifest.json` in step with the files on disk during a run.
 
-    A run limited to some precisions must not drop the other files from the manifest. Only
-    records made from the same weights and N, whose files still match their hash, are kept.
+    The manifest is rewritten after every file, so a run that stops halfway leaves every file
+    described. Earlier files of the same weights and N stay listed until this run replaces them
+    (a conversion that fails keeps the earlier file). Earlier files of other weights or another N
+    are moved, with their manifest, to `superseded/<time>/`: nothing is deleted, and nothing in
+    the folder is left undescribed.
     """
-    path = out / MANIFEST_NAME
-    if not path.exists():
-        return []
-    try:
-        earlier = read_manifest(path)
-    except ArtifactError as error:
-        log.warning("ignoring the earlier manifest: %s", error)
-        return []
-    if earlier.weights != weights or earlier.config.get("num_points") != config.num_points:
-        return []
-    redone = {(r.part, r.precision) for r in new_records}
-    kept = []
-    for record in earlier.artifacts:
-        if (record.part, record.precision) in redone:
-            continue
+
+    def __init__(self, out: Path, target: Target, weights: WeightsSource, config: RunConfig) -> None:
+        self.out = out
+        self.template = Manifest(
+            target=target.name,
+            weights=weights.to_json(),
+            config=config.to_json(),
+            tool_versions=tool_versions(*target.tool_packages()),
+            artifacts=(),
+        )
+        self.records: dict[tuple[str, str], ArtifactRecord] = {}
+        self.failures: dict[tuple[str, str], ConversionFailure] = {}
+        self._adopt_earlier(config)
+
+    def _adopt_earlier(self, config: RunConfig) -> None:
+        path = self.out / MANIFEST_NAME
+        if not path.exists():
+            return
         try:
-            verify_artifact(path, record)
-        except ArtifactError:
-            continue
-        kept.append(record)
-    return kept
+            earlier = read_manifest(path)
+        except ArtifactError as error:
+            log.warning("ignoring the earlier manifest: %s", error)
+            return
+        if not same_weights(earlier.weights, self.template.weights) or earlier.config.get("num_points") != (
+            config.num_points
+        ):
+            self._supersede(earlier)
+            return
+        for record in earlier.artifacts:
+            try:
+                verify_artifact(path, record)
+            except ArtifactError as error:
+                log.warning("dropping an earlier record: %s", error)
+                continue
+            self.records[(record.part, record.precision)] = record
+
+    def _supersede(self, earlier: Manifest) -> None:
+        folder = self.out / "superseded" / earlier.created.replace(":", "-")
+        folder.mkdir(parents=True, exist_ok=True)
+        for record in earlier.artifacts:
+            source = self.out / record.file
+            if source.exists() and ".." not in Path(record.file).parts:
+                (folder / record.file).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(source, folder / record.file)
+        os.replace(self.out / MANIFEST_NAME, folder / MANIFEST_NAME)
+        log.warning(
+            "%s held files of other weights or another N (%s); moved them to %s",
+            self.out,
+            earlier.weights.get("description", "unknown weights"),
+            folder,
+        )
+
+    def add(self, record: ArtifactRecord) -> None:
+        self.records[(record.part, record.precision)] = record
+        self.failures.pop((record.part, record.precision), None)
+        self.write()
+
+    def fail(self, part: str, precision: str, error: str) -> None:
+        self.failures[(part, precision)] = ConversionFailure(part, precision, error)
+        self.write()
+
+    @property
+    def manifest(self) -> Manifest:
+        return replace(self.template, artifacts=tuple(self.records.values()), failures=tuple(self.failures.values()))
+
+    def write(self) -> Path:
+        return self.manifest.write(self.out)
 
 
-def convert_target(target_name: str, config: RunConfig, calibration_images: int = 8) -> Path:
-    """Convert both parts in every precision the target supports; returns the manifest path."""
+def convert_target(
+    target_name: str, config: RunConfig, calibration_images: int = 8, photos: Photos | None = None
+) -> Path:
+    """Convert both parts in every precision the target supports; returns the manifest path.
+
+    A conversion that fails is one line in the log and in the manifest's `failures`; the others
+    go on, and the stage then raises naming every failure."""
+    check_target_options(config.target_options)
     target = get_target(target_name).with_options(config.target_options.get(target_name, {}))
     precisions = [p for p in config.precisions if p in target.precisions]
     if not precisions:
@@ -150,18 +236,25 @@ def convert_target(target_name: str, config: RunConfig, calibration_images: int 
             f"none of the precisions {list(config.precisions)} is supported by {target.name} "
             f"(supported: {', '.join(target.precisions)})"
         )
-    sam, weights = load_model(config.model_type, config.checkpoint, config.seed)
-    photos = CocoPhotos.default()
+    sam, weights = load_model(config.model_type, config.checkpoint, config.weights_seed)
+    photos = photos or CocoPhotos.sample("calibration")
     needs_calibration = any(p in target.calibrated_precisions for p in precisions)
     parts = build_parts(config, sam, photos, calibration_images if needs_calibration else 0)
     parts = [replace(part, weights_description=weights.describe()) for part in parts]
     out = Path(config.out_dir) / target.name
-    records = []
+    keeper = ManifestKeeper(out, target, weights, config)
     for part in parts:
         for precision in precisions:
             path = out / f"{part.name}_{precision}{target.extension}"
             log.info("converting %s to %s %s", part.name, target.name, precision)
-            details = convert_one(target, part, precision, path)
+            try:
+                details = convert_one(target, part, precision, path)
+            except Exception as error:  # any converter failure: keep going, keep the earlier file
+                message = one_line(error)
+                kept = " (the earlier file is kept)" if (part.name, precision) in keeper.records else ""
+                print(f"FAILED {target.name} {part.name} {precision}: {message}{kept}", file=sys.stderr)
+                keeper.fail(part.name, precision, message)
+                continue
             record = ArtifactRecord.describe_file(
                 path,
                 out,
@@ -171,19 +264,19 @@ def convert_target(target_name: str, config: RunConfig, calibration_images: int 
                 contract=part.contract.to_json(),
                 details=details,
             )
-            records.append(record)
+            keeper.add(record)
             worst = min(v["psnr_db"] for v in details["gate"].values())
             print(
                 f"wrote {path} ({record.bytes / 1e6:.1f} MB, {details['conversion_seconds']:.1f} s, "
                 f"min PSNR vs PyTorch {worst:.1f} dB)"
             )
-    manifest = Manifest(
-        target=target.name,
-        weights=weights.to_json(),
-        config=config.to_json(),
-        tool_versions=tool_versions(*target.tool_packages()),
-        artifacts=tuple(kept_earlier_records(out, weights.to_json(), config, records) + records),
-    )
-    manifest_path = manifest.write(out)
+    manifest_path = keeper.write()
+    manifest = keeper.manifest
     print(f"wrote {manifest_path} ({len(manifest.artifacts)} artifacts; weights: {weights.describe()})")
+    if manifest.failures:
+        raise ArtifactError(
+            f"{len(manifest.failures)} conversion(s) failed: "
+            + "; ".join(f"{f.part} {f.precision}: {f.error}" for f in manifest.failures)
+            + f" (listed under 'failures' in {manifest_path})"
+        )
     return manifest_path

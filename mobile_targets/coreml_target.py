@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from mobile_targets.base import PartToConvert, Runner, Target
+from pipeline.config import parse_bool
 from pipeline.contract import IMAGE_SIZE, LABEL_MEANINGS, PADDING_RULE, PIXEL_MEAN, PIXEL_STD, PartContract
 from pipeline.errors import ArtifactError, ConfigError, PipelineError
 
@@ -49,8 +50,9 @@ class CoreMLOptions:
     """Keep point_coords -> sin/cos in fp32 in fp16 packages (benchmarks/coreml_point_encoding.py)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.fp32_point_encoding, str):  # from --target-option coreml.fp32_point_encoding=false
-            object.__setattr__(self, "fp32_point_encoding", self.fp32_point_encoding.lower() in ("1", "true", "yes"))
+        object.__setattr__(
+            self, "fp32_point_encoding", parse_bool(self.fp32_point_encoding, "coreml option fp32_point_encoding")
+        )
         for name, allowed in (
             ("minimum_deployment_target", DEPLOYMENT_TARGETS),
             ("encoder_input", ENCODER_INPUTS),
@@ -189,11 +191,11 @@ def add_metadata(model: Any, part: PartToConvert, precision: str, options: CoreM
 
     contract = part.contract
     what = {
-        "image_encoder": "MobileSAM image encoder (TinyViT): a 1024x1024 RGB image to a 256x64x64 embedding.",
-        "prompt_decoder": "MobileSAM prompt encoder + mask decoder: an image embedding and point/box prompts "
-        "to four low-resolution mask logits and their predicted IoU.",
+        "image_encoder": f"{part.architecture}: image encoder, a 1024x1024 RGB image to a 256x64x64 embedding.",
+        "prompt_decoder": f"{part.architecture}: SAM prompt encoder + mask decoder, an image embedding and "
+        "point/box prompts to four low-resolution mask logits and their predicted IoU.",
     }[contract.part]
-    model.short_description = f"{what} {precision} weights."
+    model.short_description = f"{what} {describe_precision(precision, options)}."
     model.author = "mobilesam-mobile pipeline; model: MobileSAM (Zhang et al. 2023) and Segment Anything (Meta AI)"
     model.license = "Apache-2.0 (MobileSAM and Segment Anything code and weights)"
     model.version = version("mobilesam-mobile")
@@ -210,6 +212,7 @@ def add_metadata(model: Any, part: PartToConvert, precision: str, options: CoreM
     metadata = {
         "com.github.mobilesam-mobile.part": contract.part,
         "com.github.mobilesam-mobile.precision": precision,
+        "com.github.mobilesam-mobile.architecture": part.architecture,
         "com.github.mobilesam-mobile.weights": part.weights_description or "unknown",
         "com.github.mobilesam-mobile.contract": json.dumps(contract.to_json(), separators=(",", ":")),
         "com.github.mobilesam-mobile.padding_rule": PADDING_RULE,
@@ -221,6 +224,19 @@ def add_metadata(model: Any, part: PartToConvert, precision: str, options: CoreM
             "x, y pixels in the 1024 frame of the resized image (scale by 1024 / longest side)"
         )
     model.user_defined_metadata.update(metadata)
+
+
+def describe_precision(precision: str, options: CoreMLOptions) -> str:
+    """What was actually done to weights and compute, as the metadata and the manifest say it."""
+    if precision == "fp32":
+        return "fp32 weights and compute"
+    compute = "fp16 compute, point positional encoding fp32" if options.fp32_point_encoding else "fp16 compute"
+    weights = {
+        "fp16": "fp16 weights",
+        "int8": "int8 per-channel symmetric weights",
+        "palettize6": "6-bit k-means palettized weights (one table per tensor)",
+    }[precision]
+    return f"{weights}, {compute}"
 
 
 def make_readable(path: Path) -> None:
@@ -350,12 +366,8 @@ class CoreMLTarget(Target):
         model.save(str(path))
         make_readable(path)
         return {
-            "quantization": {
-                "fp16": "fp16 weights and compute (point positional encoding fp32)",
-                "fp32": "none",
-                "int8": "int8 per-channel symmetric weights, fp16 compute",
-                "palettize6": "6-bit k-means palettized weights (one table per tensor), fp16 compute",
-            }[precision],
+            "quantization": describe_precision(precision, self.options),
+            "fp32_point_encoding": precision != "fp32" and self.options.fp32_point_encoding,
             "minimum_deployment_target": self.options.minimum_deployment_target,
             "encoder_input": "image (RGB ImageType, bias -mean)" if image_typed else "tensor",
         }

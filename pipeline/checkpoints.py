@@ -157,7 +157,22 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is truncated or corrupt: {first}") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors (found {type(state).__name__})")
+    require_finite_weights(state, str(path))
     return dict(state)
+
+
+def require_finite_weights(state: Mapping[str, torch.Tensor], origin: str) -> None:
+    """Refuse NaN or Inf in any floating tensor: every output would be garbage, and a NaN mask is
+    empty, so it could even pass an IoU check against another empty mask."""
+    for key, value in state.items():
+        if value.is_floating_point() or value.is_complex():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                bad = int(finite.numel() - finite.sum())
+                raise CheckpointError(
+                    f"{origin}: tensor {key} {tuple(value.shape)} has {bad} non-finite values (NaN or Inf); "
+                    "a checkpoint must hold finite weights"
+                )
 
 
 def load_weights_into(model: Sam, model_type: ModelType, state: Mapping[str, torch.Tensor], origin: str) -> None:

@@ -26,7 +26,8 @@ class RunConfig:
 
     model_type: str = STUDENT_TYPE
     checkpoint: Path | None = None
-    seed: int = 0
+    weights_seed: int = 0
+    """Seed of the random weights used without a checkpoint (never the prompts' seed)."""
     num_points: int = DEFAULT_NUM_POINTS
     targets: tuple[str, ...] = ()
     precisions: tuple[str, ...] = PRECISIONS
@@ -37,6 +38,7 @@ class RunConfig:
     """Per-target converter options (`[target_options.coreml]` in TOML), e.g. minimum_deployment_target."""
 
     def __post_init__(self) -> None:
+        check_types(self, "run config")
         if self.model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type {self.model_type!r} is unknown; expected one of {', '.join(MODEL_TYPES)}")
         if not isinstance(self.num_points, int) or not 2 <= self.num_points <= 64:
@@ -44,12 +46,14 @@ class RunConfig:
         unknown = [p for p in self.precisions if p not in PRECISIONS]
         if unknown:
             raise ConfigError(f"unknown precisions {unknown}; expected some of {', '.join(PRECISIONS)}")
+        if not self.precisions:
+            raise ConfigError(f"precisions is empty; expected some of {', '.join(PRECISIONS)}")
 
     def to_json(self) -> dict[str, Any]:
         return {
             "model_type": self.model_type,
             "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
-            "seed": self.seed,
+            "weights_seed": self.weights_seed,
             "num_points": self.num_points,
             "targets": list(self.targets),
             "precisions": list(self.precisions),
@@ -89,21 +93,82 @@ def load_config(path: Path | None) -> RunConfig:
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key in _PATH_FIELDS:
+            if not isinstance(value, str):
+                raise ConfigError(f"{path}: {key} must be a path string, got {type(value).__name__} {value!r}")
             value = (path.parent / value) if value else None
         elif key in _TUPLE_FIELDS:
             if not isinstance(value, list):
-                raise ConfigError(f"{path}: {key} must be a list, got {value!r}")
+                raise ConfigError(f"{path}: {key} must be a list of strings, got {type(value).__name__} {value!r}")
             value = tuple(value)
         values[key] = value
-    return RunConfig(**values)
+    try:
+        return RunConfig(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+_EXPECTED_TYPES: dict[str, tuple[type, ...]] = {
+    "model_type": (str,),
+    "checkpoint": (Path, type(None)),
+    "weights_seed": (int,),
+    "num_points": (int,),
+    "targets": (tuple,),
+    "precisions": (tuple,),
+    "out_dir": (Path,),
+    "gates": (dict,),
+    "target_options": (dict,),
+}
+
+
+def check_types(config: Any, what: str) -> None:
+    """One line naming the key, the expected type and the value for any mistyped field.
+
+    bool is refused where an int is expected (TOML `num_points = true` is a mistake, not 1)."""
+    for name, expected in _EXPECTED_TYPES.items():
+        value = getattr(config, name, None)
+        if isinstance(value, bool) or not isinstance(value, expected):
+            wanted = " or ".join("none" if t is type(None) else t.__name__ for t in expected)
+            raise ConfigError(f"{what} key {name} must be {wanted}, got {type(value).__name__} {value!r}")
+    for name in ("targets", "precisions"):
+        items = getattr(config, name)
+        if not all(isinstance(item, str) for item in items):
+            raise ConfigError(f"{what} key {name} must be a list of strings, got {list(items)!r}")
+    for table in ("gates", "target_options"):
+        for key, value in getattr(config, table).items():
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{what} key {table}.{key} must be a table of options, got {type(value).__name__} {value!r}"
+                )
+
+
+def parse_bool(value: Any, what: str) -> bool:
+    """true/false only (TOML booleans, or the words from the command line); anything else is an error."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(f"{what} must be true or false, got {value!r}")
+
+
+def expect_type(value: Any, expected: type, what: str) -> Any:
+    """`value` if it has the expected type (bool is not an int), else one line naming it."""
+    if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
+        raise ConfigError(f"{what} must be {expected.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, convert: bool = True) -> None:
+    """The options every stage shares; the convert-only ones (N, weights seed, converter options)
+    only where they are used, so no stage accepts an option it ignores."""
     parser.add_argument("--config", type=Path, help="TOML run configuration")
     parser.add_argument("--checkpoint", type=Path, help="official checkpoint (mobile_sam.pt, sam_vit_*.pth)")
     parser.add_argument("--out", type=Path, help="output folder")
+    if not convert:
+        return
     parser.add_argument("--num-points", type=int, help="prompt slots N of the exported decoder")
-    parser.add_argument("--seed", type=int, help="seed of the random weights used without a checkpoint")
+    parser.add_argument(
+        "--weights-seed", type=int, help="seed of the random weights used without a checkpoint (default 0)"
+    )
     parser.add_argument(
         "--target-option",
         action="append",
@@ -118,8 +183,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     overrides = {
         "checkpoint": args.checkpoint,
         "out_dir": args.out,
-        "num_points": args.num_points,
-        "seed": args.seed,
+        "num_points": getattr(args, "num_points", None),
+        "weights_seed": getattr(args, "weights_seed", None),
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     return with_target_options(config, getattr(args, "target_option", []))

@@ -28,3 +28,13 @@ class ConfigError(PipelineError):
 
 class ArtifactError(PipelineError):
     """A converted file that is missing, truncated or not what its manifest says."""
+
+
+def one_line(error: BaseException) -> str:
+    """Any exception as one line: our own messages as they are, others with their type and the
+    first line of their text (converters and runtimes raise long multi-line messages)."""
+    if isinstance(error, PipelineError):
+        return str(error)
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__

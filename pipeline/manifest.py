@@ -49,12 +49,23 @@ class ArtifactRecord:
 
 
 @dataclass(frozen=True)
+class ConversionFailure:
+    """A conversion that failed in the latest run; an earlier file of that part and precision, if
+    any, is still listed under `artifacts` and still on disk."""
+
+    part: str
+    precision: str
+    error: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     target: str
     weights: dict[str, Any]
     config: dict[str, Any]
     tool_versions: dict[str, str]
     artifacts: tuple[ArtifactRecord, ...]
+    failures: tuple[ConversionFailure, ...] = ()
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
 
@@ -87,9 +98,20 @@ def read_manifest(path: Path) -> Manifest:
     try:
         raw.pop("random_weights", None)
         artifacts = tuple(ArtifactRecord(**item) for item in raw.pop("artifacts"))
-        return Manifest(artifacts=artifacts, **raw)
-    except (KeyError, TypeError) as error:
-        raise ArtifactError(f"{path} is missing manifest fields: {error}") from None
+        failures = tuple(ConversionFailure(**item) for item in raw.pop("failures", []))
+        manifest = Manifest(artifacts=artifacts, failures=failures, **raw)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ArtifactError(f"{path} is missing manifest fields or has malformed ones: {error}") from None
+    if not isinstance(manifest.weights, dict) or not isinstance(manifest.config, dict):
+        raise ArtifactError(f"{path}: weights and config must be JSON objects")
+    if not isinstance(manifest.config.get("num_points"), int):
+        raise ArtifactError(f"{path}: config.num_points must be an integer, got {manifest.config.get('num_points')!r}")
+    return manifest
+
+
+def same_weights(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two manifests' weights are the same model: same type and checkpoint content, or same seed."""
+    return all(a.get(key) == b.get(key) for key in ("model_type", "sha256", "seed"))
 
 
 def find_manifests(root: Path) -> list[Path]:
@@ -99,6 +121,8 @@ def find_manifests(root: Path) -> list[Path]:
 def verify_artifact(manifest_path: Path, record: ArtifactRecord) -> Path:
     """The artifact's path, after checking it exists and still has the recorded hash."""
     path = Path(manifest_path).parent / record.file
+    if Path(record.file).is_absolute() or ".." in Path(record.file).parts:
+        raise ArtifactError(f"{manifest_path}: artifact path {record.file!r} leaves the manifest's folder")
     if not path.exists():
         raise ArtifactError(f"{record.target} {record.part} {record.precision}: file missing: {path}")
     digest = sha256_file(path)

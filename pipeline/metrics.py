@@ -30,3 +30,16 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two boolean masks; two empty masks agree perfectly."""
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def count_non_finite(array: np.ndarray) -> int:
+    return int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+
+
+def require_finite(array: np.ndarray, what: str) -> None:
+    """Raise one line naming `what` when it holds NaN or Inf: no metric may average them away."""
+    from pipeline.errors import ArtifactError
+
+    bad = count_non_finite(array)
+    if bad:
+        raise ArtifactError(f"{what} has {bad} non-finite values (NaN or Inf) out of {np.size(array)}")

@@ -121,3 +121,16 @@ def build_model(model_type: ModelType) -> Sam:
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+ARCHITECTURES: dict[str, str] = {
+    "vit_t": "MobileSAM (TinyViT-5M image encoder)",
+    "vit_b": "SAM ViT-B (ViT-B/16 image encoder)",
+    "vit_l": "SAM ViT-L (ViT-L/16 image encoder)",
+    "vit_h": "SAM ViT-H (ViT-H/16 image encoder)",
+}
+"""What each model type is, for metadata a developer reads (Xcode, the manifest)."""
+
+
+def describe_architecture(model_type: str) -> str:
+    return ARCHITECTURES.get(model_type, model_type)

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.datasets import CocoPhotos, default_dataset_dir
+from pipeline.datasets import CocoPhotos
+
+SHARED_DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-cc-train"
+"""The team's 78 photos: tests only (a user's clone has the shipped sample, pipeline/sample_photos)."""
 
 
 def perturb_state_dict(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -58,7 +61,6 @@ def our_model(official_checkpoint):
 
 @pytest.fixture(scope="session")
 def photos() -> CocoPhotos:
-    root = default_dataset_dir()
-    if not (root / "instances.json").is_file():
-        pytest.fail(f"real photos missing: {root} (expected ../shared/data/coco-cc-train)")
-    return CocoPhotos.default()
+    if not (SHARED_DATASET / "instances.json").is_file():
+        pytest.fail(f"real photos missing: {SHARED_DATASET} (expected ../shared/data/coco-cc-train)")
+    return CocoPhotos(SHARED_DATASET / "images", SHARED_DATASET / "instances.json")

@@ -44,6 +44,11 @@ def gates_from_config(raw: dict[str, dict[str, float]] | None) -> dict[str, Gate
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"gates.{precision}: unknown keys {unknown}; expected some of {sorted(known)}")
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ConfigError(
+                    f"gates.{precision}.{key} must be a finite number, got {type(value).__name__} {value!r}"
+                )
         gates[precision] = Gate(**{**gates[precision].__dict__, **values})
     return gates
 
@@ -53,19 +58,24 @@ def gate_failures(artifact: dict[str, Any], gate: Gate) -> list[str]:
     if "error" in artifact:
         return [artifact["error"]]
     agreement = artifact["agreement"]
-    failures = []
+    failures = [
+        f"output {name} had {count} non-finite values (NaN or Inf)"
+        for name, count in artifact.get("non_finite_outputs", {}).items()
+        if count
+    ]
     if artifact["part"] == "image_encoder":
         psnr = agreement["embeddings"]["psnr_db_min"]
-        if psnr < gate.embeddings_psnr_db:
+        if not psnr >= gate.embeddings_psnr_db:  # NaN fails
             failures.append(f"embeddings PSNR {psnr:.1f} dB < {gate.embeddings_psnr_db}")
         return failures
     for kind, values in agreement.items():
+        confident = values["mask_iou_confident"]  # None: no prompt of this kind had a confident pixel
         checks = (
             ("mask IoU mean", values["mask_iou"]["mean"], gate.mask_iou_mean),
             ("mask IoU min", values["mask_iou"]["min"], gate.mask_iou_min),
-            ("confident IoU mean", values["mask_iou_confident"]["mean"], gate.confident_iou_mean),
+            ("confident IoU mean", None if confident is None else confident["mean"], gate.confident_iou_mean),
         )
         for label, value, minimum in checks:
-            if math.isnan(value) or value < minimum:
+            if value is not None and (math.isnan(value) or value < minimum):
                 failures.append(f"{kind}: {label} {value:.3f} < {minimum}")
     return failures

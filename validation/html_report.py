@@ -15,9 +15,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from pipeline.datasets import CocoPhotos
+from pipeline.datasets import Photos
 from pipeline.files import atomic_write_bytes
-from validation.run import OVERLAY_KIND, SUMMARY_HEADER, summary_rows
+from validation.run import OVERLAY_KINDS, SUMMARY_HEADER, summary_rows
 
 MASK_COLOUR = np.array([30, 144, 255], dtype=np.float32)
 DISAGREEMENT_COLOUR = np.array([255, 0, 0], dtype=np.float32)
@@ -48,7 +48,7 @@ def _draw_prompt(axis: plt.Axes, case: dict[str, Any] | None) -> None:
         axis.plot(x, y, marker="*", markersize=11, color="lime" if label == 1 else "red", markeredgecolor="black")
 
 
-def overlay_figure(photos: CocoPhotos, masks: dict[str, dict[int, np.ndarray]], run: dict[str, Any]) -> str | None:
+def overlay_figure(photos: Photos, masks: dict[str, dict[int, np.ndarray]], run: dict[str, Any]) -> str | None:
     """One row per photo: PyTorch's mask, then each decoder artifact of the run's target."""
     target = run["target"]
     reference = masks.get(f"{target} pytorch", {})
@@ -61,7 +61,7 @@ def overlay_figure(photos: CocoPhotos, masks: dict[str, dict[int, np.ndarray]], 
     )
     for row, image_id in enumerate(image_ids):
         image = photos.image(image_id)
-        case = next((c for c in run["prompt_cases"] if c["image_id"] == image_id and c["kind"] == OVERLAY_KIND), None)
+        case = next((c for c in run["prompt_cases"] if c["image_id"] == image_id and c["kind"] in OVERLAY_KINDS), None)
         for col, name in enumerate([f"{target} pytorch", *columns]):
             axis = axes[row][col]
             mask = masks[name].get(image_id)
@@ -95,22 +95,34 @@ def bar_figure(report: dict[str, Any], metric: str) -> str:
     axis.set_ylabel("warm median latency (ms)" if metric == "latency" else "size (MB)")
     axis.set_title("latency (blue: encoder, orange: decoder)" if metric == "latency" else "size on disk")
     if metric == "latency":
-        for run in report["runs"][:1]:
+        for run in [r for r in report["runs"] if "baselines" in r][:1]:
             for part, style in (("image_encoder", "--"), ("prompt_decoder", ":")):
                 axis.axhline(run["baselines"]["pytorch"][part]["median_s"] * 1000, ls=style, color="grey", lw=1)
     return _png(figure)
 
 
-def write_html(report: dict[str, Any], photos: CocoPhotos, masks: dict[str, dict[int, np.ndarray]], path: Path) -> None:
+def write_html(report: dict[str, Any], photos: Photos, masks: dict[str, dict[int, np.ndarray]], path: Path) -> None:
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in summary_rows(report)
     )
     header = "".join(f"<th>{html.escape(h)}</th>" for h in SUMMARY_HEADER)
-    weights = "; ".join(f"{run['target']}: {html.escape(run['weights'])}" for run in report["runs"])
-    random_note = any(run["random_weights"] for run in report["runs"])
+    valid_runs = [run for run in report["runs"] if "error" not in run]
+    weights = "; ".join(f"{run['target']}: {html.escape(run['weights'])}" for run in valid_runs)
+    random_note = any(run["random_weights"] for run in valid_runs)
+    not_validated = "".join(
+        f"<p class='fail'><b>{html.escape(run['target'])} not validated</b>: {html.escape(run['error'])}</p>"
+        for run in report["runs"]
+        if "error" in run
+    )
     sections = [
         "<h1>MobileSAM validation report</h1>",
-        f"<p><b>Weights</b>: {weights}</p>",
+        f"<p><b>Weights</b>: {weights or 'none validated'}</p>",
+        f"<p><b>Photos</b>: {html.escape(str(report.get('photos', '')))}</p>",
+        not_validated,
+        ""
+        if report.get("ground_truth", True)
+        else "<p><b>No ground truth was used</b>: prompts are seeded grid points and boxes around PyTorch's "
+        "own masks; every figure compares a file with PyTorch.</p>",
         "<p><b>Random weights</b>: mask logits hug 0, so quantized files lose sign on many pixels "
         "without any conversion bug; read the confident-pixel IoU beside the plain IoU.</p>"
         if random_note
@@ -119,7 +131,7 @@ def write_html(report: dict[str, Any], photos: CocoPhotos, masks: dict[str, dict
         f'<img alt="latency" src="data:image/png;base64,{bar_figure(report, "latency")}">',
         f'<img alt="size" src="data:image/png;base64,{bar_figure(report, "size")}">',
     ]
-    for run in report["runs"]:
+    for run in valid_runs:
         picture = overlay_figure(photos, masks, run)
         if picture:
             sections.append(f"<h2>{html.escape(run['target'])} masks</h2>")
@@ -128,7 +140,7 @@ def write_html(report: dict[str, Any], photos: CocoPhotos, masks: dict[str, dict
         "body{font-family:sans-serif;margin:2em;max-width:1400px}"
         "table{border-collapse:collapse;font-size:12px}"
         "td,th{border:1px solid #ccc;padding:4px 6px;text-align:left;vertical-align:top}"
-        "img{max-width:100%;margin:1em 0}"
+        "img{max-width:100%;margin:1em 0}.fail{color:#b00}"
     )
     head = f"<meta charset='utf-8'><title>MobileSAM validation</title><style>{style}</style>"
     document = f"<!doctype html><html><head>{head}</head><body>{''.join(sections)}</body></html>"

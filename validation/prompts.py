@@ -1,4 +1,5 @@
-"""Prompts derived from ground-truth instance masks, recorded so a run can be repeated exactly."""
+"""Prompts, recorded so a run can be repeated exactly: derived from ground-truth instance masks,
+or, for a user's own photos without ground truth, from a seeded grid and PyTorch's own masks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from scipy.ndimage import distance_transform_edt
 from pipeline.processing import Prompt
 
 PROMPT_KINDS = ("center_point", "random_point", "box", "box_point", "multi_point")
+GRID_PROMPT_KINDS = ("grid_point", "mask_box", "mask_box_point")
+"""Without ground truth: a grid point, then a box around PyTorch's mask for it, alone and with the point."""
+GRID_SIDE = 4
 
 
 @dataclass(frozen=True)
@@ -17,7 +21,7 @@ class PromptCase:
     """One prompt on one instance, in JSON-friendly form."""
 
     image_id: int
-    annotation_id: int
+    annotation_id: int | None  # None: no ground truth behind this prompt
     kind: str
     points: list[list[float]] | None
     labels: list[float] | None
@@ -33,7 +37,7 @@ class PromptCase:
     @property
     def multimask(self) -> bool:
         """SAM's advice: three masks for a single ambiguous point, one otherwise."""
-        return self.kind in ("center_point", "random_point")
+        return self.kind in ("center_point", "random_point", "grid_point")
 
 
 def most_interior_pixel(mask: np.ndarray) -> tuple[int, int]:
@@ -83,3 +87,29 @@ def _background_point(mask: np.ndarray, rng: np.random.Generator) -> tuple[int, 
         return 0, 0
     pick = rng.integers(len(xs))
     return int(xs[pick]), int(ys[pick])
+
+
+def grid_point_cases(image_id: int, size: tuple[int, int], count: int, seed: int) -> list[PromptCase]:
+    """`count` distinct cells of a GRID_SIDE x GRID_SIDE grid over the photo, chosen with
+    (seed, image id); one foreground point at each cell's centre."""
+    height, width = size
+    rng = np.random.default_rng([seed, image_id])
+    cells = rng.choice(GRID_SIDE * GRID_SIDE, size=min(count, GRID_SIDE * GRID_SIDE), replace=False)
+    cases = []
+    for cell in sorted(int(c) for c in cells):
+        row, column = divmod(cell, GRID_SIDE)
+        x, y = (column + 0.5) * width / GRID_SIDE, (row + 0.5) * height / GRID_SIDE
+        cases.append(PromptCase(image_id, None, "grid_point", [[float(x), float(y)]], [1.0], None))
+    return cases
+
+
+def cases_around_mask(point_case: PromptCase, mask: np.ndarray) -> list[PromptCase]:
+    """A box around PyTorch's mask for a grid point, alone and with the point (none for an empty mask)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return []
+    box = [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
+    return [
+        PromptCase(point_case.image_id, None, "mask_box", None, None, box),
+        PromptCase(point_case.image_id, None, "mask_box_point", point_case.points, point_case.labels, box),
+    ]

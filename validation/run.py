@@ -23,15 +23,16 @@ from tqdm import tqdm
 from mobile_targets import get_target
 from pipeline.checkpoints import load_model
 from pipeline.contract import decoder_contract, encoder_contract
-from pipeline.datasets import CocoPhotos
-from pipeline.errors import PipelineError
+from pipeline.datasets import Photos
+from pipeline.errors import ArtifactError, PipelineError, one_line
+from pipeline.files import sha256_file
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest, verify_artifact
-from pipeline.metrics import cosine_similarity, mask_iou, max_abs_error, psnr_db
-from pipeline.predictor import ReferencePredictor
+from pipeline.metrics import cosine_similarity, count_non_finite, mask_iou, max_abs_error, psnr_db, require_finite
+from pipeline.predictor import Prediction, ReferencePredictor
 from pipeline.processing import PreparedImage, prompt_to_decoder_inputs, select_mask_index, upscale_masks
 from validation.baselines import compute_floor, onnx_runtime_latency, reset_peak_memory, resident_memory_mb
 from validation.gates import DEFAULT_GATES, Gate, gate_failures
-from validation.prompts import PromptCase, prompt_cases
+from validation.prompts import PromptCase, cases_around_mask, grid_point_cases, prompt_cases
 
 REPORT_SCHEMA_VERSION = 1
 
@@ -49,7 +50,8 @@ class ValidationSettings:
     latency_runs: int = 10
     warmup_runs: int = 2
     threads: int = 2
-    seed: int = 0
+    prompt_seed: int = 0
+    """Seed of the sampled prompt points (never the weights' seed)."""
 
 
 @dataclass
@@ -58,26 +60,50 @@ class ReferenceImage:
     prepared: PreparedImage
     embeddings: np.ndarray
     cases: list[tuple[PromptCase, dict[str, np.ndarray], Any]]  # case, decoder inputs, Prediction
-    ground_truth: dict[int, np.ndarray]  # annotation id -> instance mask
+    ground_truth: dict[int, np.ndarray]  # annotation id -> instance mask (empty without ground truth)
+
+
+def reference_case(
+    predictor: ReferencePredictor, case: PromptCase, where: Path
+) -> tuple[PromptCase, dict[str, np.ndarray], Prediction]:
+    """PyTorch's prediction for one prompt on the photo set in `predictor`, checked finite."""
+    prediction = predictor.predict(case.prompt(), multimask_output=case.multimask)
+    for name in ("low_res_masks", "iou_predictions"):
+        require_finite(getattr(prediction, name), f"PyTorch's {name} for {where} ({case.kind} prompt)")
+    inputs = prompt_to_decoder_inputs(case.prompt(), predictor.prepared.original_size, predictor.num_points)
+    return case, inputs, prediction
 
 
 def build_reference(
-    predictor: ReferencePredictor, photos: CocoPhotos, settings: ValidationSettings
+    predictor: ReferencePredictor, photos: Photos, settings: ValidationSettings
 ) -> list[ReferenceImage]:
+    """PyTorch's embeddings and predictions for every photo and prompt.
+
+    With ground truth, the five prompt kinds per instance; without (a user's own photos),
+    seeded grid points and boxes around PyTorch's own masks. A non-finite PyTorch output is one
+    line: nothing can be scored against it."""
     references = []
     for image_id in tqdm(photos.image_ids()[: settings.max_images], desc="PyTorch reference", unit="photo"):
-        image = photos.image(image_id)
-        embeddings = predictor.set_image(image)
+        where = photos.image_path(image_id)
+        embeddings = predictor.set_image(photos.image(image_id))
+        require_finite(embeddings, f"PyTorch's image_embeddings for {where}")
         cases = []
         ground_truth = {}
-        for instance in photos.instances(image_id)[: settings.instances_per_image]:
-            if instance.mask.sum() == 0:
-                continue
-            ground_truth[instance.annotation_id] = instance.mask
-            for case in prompt_cases(image_id, instance.annotation_id, instance.mask, instance.bbox, settings.seed):
-                prediction = predictor.predict(case.prompt(), multimask_output=case.multimask)
-                inputs = prompt_to_decoder_inputs(case.prompt(), predictor.prepared.original_size, predictor.num_points)
-                cases.append((case, inputs, prediction))
+        if photos.has_ground_truth:
+            for instance in photos.instances(image_id)[: settings.instances_per_image]:
+                if instance.mask.sum() == 0:
+                    continue
+                ground_truth[instance.annotation_id] = instance.mask
+                for case in prompt_cases(
+                    image_id, instance.annotation_id, instance.mask, instance.bbox, settings.prompt_seed
+                ):
+                    cases.append(reference_case(predictor, case, where))
+        else:
+            size = predictor.prepared.original_size
+            for point_case in grid_point_cases(image_id, size, settings.instances_per_image, settings.prompt_seed):
+                cases.append(reference_case(predictor, point_case, where))
+                for case in cases_around_mask(point_case, cases[-1][2].mask):
+                    cases.append(reference_case(predictor, case, where))
         references.append(ReferenceImage(image_id, predictor.prepared, embeddings, cases, ground_truth))
     return references
 
@@ -97,10 +123,11 @@ def time_runs(run: Callable[[], object], settings: ValidationSettings) -> dict[s
     }
 
 
-def score_encoder(runner, references: list[ReferenceImage]) -> dict[str, Any]:
+def score_encoder(runner, references: list[ReferenceImage], non_finite: dict[str, int]) -> dict[str, Any]:
     rows = []
     for reference in references:
         embeddings = runner.run({"image": reference.prepared.image})["image_embeddings"]
+        non_finite["image_embeddings"] = non_finite.get("image_embeddings", 0) + count_non_finite(embeddings)
         rows.append(
             {
                 "psnr_db": psnr_db(reference.embeddings, embeddings),
@@ -110,9 +137,9 @@ def score_encoder(runner, references: list[ReferenceImage]) -> dict[str, Any]:
         )
     return {
         "embeddings": {
-            "psnr_db_min": min(r["psnr_db"] for r in rows),
-            "max_abs_error": max(r["max_abs_error"] for r in rows),
-            "cosine_min": min(r["cosine"] for r in rows),
+            "psnr_db_min": nan_min([r["psnr_db"] for r in rows]),
+            "max_abs_error": nan_max([r["max_abs_error"] for r in rows]),
+            "cosine_min": nan_min([r["cosine"] for r in rows]),
         },
         "images": len(rows),
     }
@@ -122,20 +149,36 @@ def confident_pixels(teacher_logits: np.ndarray) -> np.ndarray:
     return np.abs(teacher_logits) > CONFIDENT_MARGIN_IN_STD * float(np.std(teacher_logits))
 
 
-def confident_iou(teacher_mask: np.ndarray, test_mask: np.ndarray, confident: np.ndarray) -> float:
-    """IoU over confident pixels only; NaN where no confident pixel is foreground in either."""
+def confident_iou(teacher_mask: np.ndarray, test_mask: np.ndarray, confident: np.ndarray) -> float | None:
+    """IoU over confident pixels only; None (undefined, left out) where no confident pixel is
+    foreground in either mask. Never NaN: NaN is kept for broken numbers, which fail."""
     union = np.logical_or(teacher_mask, test_mask) & confident
     if not union.any():
-        return float("nan")
+        return None
     return float((teacher_mask & test_mask & confident).sum() / union.sum())
 
 
-def _summary(values: list[float]) -> dict[str, float]:
-    """mean, min and 5th percentile over the prompts where the value is defined."""
-    defined = np.asarray(values, dtype=np.float64)
-    defined = defined[~np.isnan(defined)]
+def nan_min(values: list[float]) -> float:
+    """min where any NaN makes the result NaN (a failure), never a value to skip."""
+    array = np.asarray(values, dtype=np.float64)
+    return float("nan") if array.size == 0 or np.isnan(array).any() else float(array.min())
+
+
+def nan_max(values: list[float]) -> float:
+    array = np.asarray(values, dtype=np.float64)
+    return float("nan") if array.size == 0 or np.isnan(array).any() else float(array.max())
+
+
+def _summary(values: list[float | None]) -> dict[str, float] | None:
+    """mean, min and 5th percentile over the prompts where the value is defined (not None).
+
+    A NaN is a failure, not a value to skip: it makes mean, min and p5 NaN, which no gate
+    passes. None when no prompt defines the value (e.g. no ground truth)."""
+    defined = np.asarray([v for v in values if v is not None], dtype=np.float64)
     if defined.size == 0:
-        return {"mean": float("nan"), "min": float("nan"), "p5": float("nan"), "defined": 0}
+        return None
+    if np.isnan(defined).any():
+        return {"mean": float("nan"), "min": float("nan"), "p5": float("nan"), "defined": int(defined.size)}
     return {
         "mean": float(defined.mean()),
         "min": float(defined.min()),
@@ -144,22 +187,26 @@ def _summary(values: list[float]) -> dict[str, float]:
     }
 
 
-OVERLAY_KIND = "box_point"
+OVERLAY_KINDS = ("box_point", "mask_box_point")
 OVERLAY_IMAGES = 3
-"""The HTML report shows, for the first photos, the first instance's box+point mask."""
+"""The HTML report shows, for the first photos, the first box+point prompt's mask."""
 
 
 def is_overlay_case(reference_index: int, reference: ReferenceImage, case: PromptCase) -> bool:
-    first = next((c for c, _, _ in reference.cases if c.kind == OVERLAY_KIND), None)
+    first = next((c for c, _, _ in reference.cases if c.kind in OVERLAY_KINDS), None)
     return reference_index < OVERLAY_IMAGES and case is first
 
 
-def score_decoder(runner, references: list[ReferenceImage], overlays: dict | None = None) -> dict[str, Any]:
+def score_decoder(
+    runner, references: list[ReferenceImage], non_finite: dict[str, int], overlays: dict | None = None
+) -> dict[str, Any]:
     """Agreement per prompt kind; the overlay cases' masks go into `overlays` (image id -> mask)."""
     per_kind: dict[str, dict[str, list[float]]] = {}
     for index, reference in enumerate(references):
         for case, inputs, expected in reference.cases:
             outputs = runner.run({"image_embeddings": reference.embeddings, **inputs})
+            for name in ("low_res_masks", "iou_predictions"):
+                non_finite[name] = non_finite.get(name, 0) + count_non_finite(outputs[name])
             logits = upscale_masks(
                 outputs["low_res_masks"], reference.prepared.input_size, reference.prepared.original_size
             )
@@ -167,11 +214,11 @@ def score_decoder(runner, references: list[ReferenceImage], overlays: dict | Non
             if overlays is not None and is_overlay_case(index, reference, case):
                 overlays[reference.image_id] = logits[selected] > 0
             confident = confident_pixels(expected.mask_logits[expected.selected])
-            truth = reference.ground_truth[case.annotation_id]
+            truth = reference.ground_truth.get(case.annotation_id)
             row = per_kind.setdefault(case.kind, {})
             for key, value in (
-                ("ground_truth_iou_pytorch", mask_iou(truth, expected.mask)),
-                ("ground_truth_iou_artifact", mask_iou(truth, logits[selected] > 0)),
+                ("ground_truth_iou_pytorch", None if truth is None else mask_iou(truth, expected.mask)),
+                ("ground_truth_iou_artifact", None if truth is None else mask_iou(truth, logits[selected] > 0)),
                 ("logits_cosine", cosine_similarity(expected.low_res_masks, outputs["low_res_masks"])),
                 ("iou_predictions_psnr_db", psnr_db(expected.iou_predictions, outputs["iou_predictions"])),
                 ("iou_predictions_cosine", cosine_similarity(expected.iou_predictions, outputs["iou_predictions"])),
@@ -194,12 +241,12 @@ def score_decoder(runner, references: list[ReferenceImage], overlays: dict | Non
             "mask_iou_all4": _summary(values["mask_iou_all4"]),
             "mask_iou_confident": _summary(values["mask_iou_confident"]),
             "same_index_rate": float(np.mean(values["same_index"])),
-            "logits_psnr_db_min": float(np.min(values["logits_psnr_db"])),
-            "logits_max_abs_error": float(np.max(values["logits_max_abs_error"])),
-            "iou_predictions_max_abs_error": float(np.max(values["iou_predictions_max_abs_error"])),
-            "logits_cosine_min": float(np.min(values["logits_cosine"])),
-            "iou_predictions_psnr_db_min": float(np.min(values["iou_predictions_psnr_db"])),
-            "iou_predictions_cosine_min": float(np.min(values["iou_predictions_cosine"])),
+            "logits_psnr_db_min": nan_min(values["logits_psnr_db"]),
+            "logits_max_abs_error": nan_max(values["logits_max_abs_error"]),
+            "iou_predictions_max_abs_error": nan_max(values["iou_predictions_max_abs_error"]),
+            "logits_cosine_min": nan_min(values["logits_cosine"]),
+            "iou_predictions_psnr_db_min": nan_min(values["iou_predictions_psnr_db"]),
+            "iou_predictions_cosine_min": nan_min(values["iou_predictions_cosine"]),
             "ground_truth_iou": {
                 "pytorch": _summary(values["ground_truth_iou_pytorch"]),
                 "artifact": _summary(values["ground_truth_iou_artifact"]),
@@ -217,6 +264,8 @@ def validate_artifact(
     settings: ValidationSettings,
     overlays: dict | None = None,
 ) -> dict[str, Any]:
+    """Load, run and score one file; any failure on the way is one line under "error", so the
+    other files are still validated."""
     result: dict[str, Any] = {
         "target": record.target,
         "part": record.part,
@@ -224,8 +273,11 @@ def validate_artifact(
         "file": str(Path(manifest_path).parent / record.file),
         "bytes": record.bytes,
     }
+    stage = "loading"
     try:
         path = verify_artifact(manifest_path, record)
+        if record.part not in ("image_encoder", "prompt_decoder"):
+            raise ArtifactError(f"{manifest_path}: unknown part {record.part!r}")
         contract = (
             encoder_contract() if record.part == "image_encoder" else decoder_contract(manifest.config["num_points"])
         )
@@ -235,17 +287,23 @@ def validate_artifact(
         options = manifest.config.get("target_options", {}).get(record.target, {})
         runner = get_target(record.target).with_options(options).load_runner(path, contract, threads=settings.threads)
         result["load_s"] = time.perf_counter() - start
-    except PipelineError as error:
-        result["error"] = str(error)
+        stage = "running"
+        non_finite: dict[str, int] = {}
+        first = references[0]
+        if record.part == "image_encoder":
+            result["agreement"] = score_encoder(runner, references, non_finite)
+            example = {"image": first.prepared.image}
+        else:
+            result["agreement"] = score_decoder(runner, references, non_finite, overlays)
+            example = {"image_embeddings": first.embeddings, **first.cases[0][1]}
+        result["non_finite_outputs"] = non_finite
+        stage = "timing"
+        result["latency"] = time_runs(lambda: runner.run(example), settings)
+    except Exception as error:  # a runtime's failure is this file's row, never the whole stage
+        message = str(error) if isinstance(error, PipelineError) else f"{stage} failed: {one_line(error)}"
+        result["error"] = message
+        result.pop("agreement", None)
         return result
-    first = references[0]
-    if record.part == "image_encoder":
-        result["agreement"] = score_encoder(runner, references)
-        example = {"image": first.prepared.image}
-    else:
-        result["agreement"] = score_decoder(runner, references, overlays)
-        example = {"image_embeddings": first.embeddings, **first.cases[0][1]}
-    result["latency"] = time_runs(lambda: runner.run(example), settings)
     after = resident_memory_mb()
     if before and after and memory_resets:
         result["memory"] = {"rss_before_mb": before["rss_mb"], "peak_rss_mb": after["peak_rss_mb"]}
@@ -279,15 +337,54 @@ def baseline_latencies(
     }
 
 
+def reference_weights(manifest: Manifest, checkpoint: Path | None) -> tuple[str, Path | None, int]:
+    """The weights to rebuild PyTorch from, after checking they are the ones the files came from.
+
+    `checkpoint` (validate --checkpoint) wins over the path the manifest recorded; either way its
+    sha256 must equal the manifest's, or the run is refused: scoring files against other weights
+    would measure nothing."""
+    weights = manifest.weights
+    model_type = weights.get("model_type")
+    recorded = weights.get("checkpoint")
+    if checkpoint is None and recorded is None:
+        return model_type, None, int(weights.get("seed") or 0)
+    if recorded is None:
+        raise ArtifactError(
+            f"the {manifest.target} files were converted from random weights ({weights.get('description')}), "
+            f"not from --checkpoint {checkpoint}; convert again with --checkpoint, or validate without it"
+        )
+    path = Path(checkpoint) if checkpoint is not None else Path(recorded)
+    if not path.is_file():
+        raise ArtifactError(
+            f"checkpoint {path} named by {manifest.target}/manifest.json is missing; pass --checkpoint PATH "
+            "with the weights the files were converted from"
+        )
+    digest = sha256_file(path)
+    if digest != weights.get("sha256"):
+        raise ArtifactError(
+            f"checkpoint {path} has sha256 {digest[:12]}, but the {manifest.target} files were converted from "
+            f"sha256 {str(weights.get('sha256'))[:12]}: the weights changed, refusing to score; convert again"
+        )
+    return model_type, path, 0
+
+
+def failed_run(manifest_path: Path, target: str, error: str) -> dict[str, Any]:
+    return {"manifest": str(manifest_path), "target": target, "error": error, "artifacts": []}
+
+
 def validate_run(
     out_dir: Path,
-    photos: CocoPhotos,
+    photos: Photos,
     settings: ValidationSettings,
     gates: dict[str, Gate] | None = None,
-    overlays: dict[str, dict[int, np.ndarray]] | None = None,
+    overlays: dict[str, dict[str, dict[int, np.ndarray]]] | None = None,
+    checkpoint: Path | None = None,
 ) -> dict[str, Any]:
     """The report; when `overlays` is given it receives masks for the HTML report, keyed by
-    "<target> pytorch" or "<target> <part> <precision>", then by image id."""
+    "<target> pytorch" or "<target> <part> <precision>", then by image id.
+
+    A corrupt manifest, weights that changed, or a reference that cannot be built is one line in
+    that run's entry; the other runs are still validated."""
     manifests = find_manifests(out_dir)
     if not manifests:
         raise PipelineError(
@@ -298,21 +395,30 @@ def validate_run(
     report: dict[str, Any] = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "settings": asdict(settings),
+        "photos": photos.describe(),
+        "ground_truth": photos.has_ground_truth,
         "gates": {precision: asdict(gate) for precision, gate in gates.items()},
         "runs": [],
     }
     reference_runs: dict[str, tuple] = {}
     for manifest_path in manifests:
-        manifest = read_manifest(manifest_path)
-        weights = manifest.weights
-        key = json.dumps([weights, manifest.config["num_points"]], sort_keys=True)
-        if key not in reference_runs:  # targets converted from the same weights share one reference
-            sam, source = load_model(
-                weights["model_type"], weights["checkpoint"] and Path(weights["checkpoint"]), weights["seed"] or 0
-            )
-            predictor = ReferencePredictor(sam, num_points=manifest.config["num_points"])
-            references = build_reference(predictor, photos, settings)
-            reference_runs[key] = (source, references, baseline_latencies(predictor, references[0], settings))
+        target_name = manifest_path.parent.name
+        try:
+            manifest = read_manifest(manifest_path)
+            get_target(manifest.target)  # an unknown target name is this run's error
+            model_type, weights_path, seed = reference_weights(manifest, checkpoint)
+            key = json.dumps([model_type, manifest.weights.get("sha256"), seed, manifest.config["num_points"]])
+            if key not in reference_runs:  # targets converted from the same weights share one reference
+                sam, source = load_model(model_type, weights_path, seed)
+                predictor = ReferencePredictor(sam, num_points=manifest.config["num_points"])
+                references = build_reference(predictor, photos, settings)
+                if not any(ref.cases for ref in references):
+                    raise PipelineError(f"no prompts could be made from {photos.describe()}")
+                reference_runs[key] = (source, references, baseline_latencies(predictor, references[0], settings))
+        except Exception as error:  # this run's error; the other targets are still validated
+            message = str(error) if isinstance(error, PipelineError) else one_line(error)
+            report["runs"].append(failed_run(manifest_path, target_name, message))
+            continue
         source, references, baselines = reference_runs[key]
         run = {
             "manifest": str(manifest_path),
@@ -320,6 +426,7 @@ def validate_run(
             "runtime": get_target(manifest.target).runtime_name,
             "weights": source.describe(),
             "random_weights": source.is_random,
+            "conversion_failures": [asdict(failure) for failure in manifest.failures],
             "prompt_cases": [asdict(case) for ref in references for case, _, _ in ref.cases],
             "baselines": baselines,
             "artifacts": [],
@@ -336,7 +443,8 @@ def validate_run(
             if overlays is not None and record.part == "prompt_decoder":
                 sink = overlays.setdefault(f"{record.target} {record.part} {record.precision}", {})
             result = validate_artifact(manifest_path, manifest, record, references, settings, sink)
-            failures = gate_failures(result, gates[record.precision])
+            gate = gates.get(record.precision)
+            failures = gate_failures(result, gate) if gate else [f"no gate for precision {record.precision!r}"]
             result["gate"] = {"passed": not failures, "failures": failures}
             run["artifacts"].append(result)
         report["runs"].append(run)
@@ -357,19 +465,36 @@ SUMMARY_HEADER = (
 
 
 def failed_artifacts(report: dict[str, Any]) -> list[str]:
-    """One line per artifact below its gate (or not loadable), naming it and why."""
-    return [
-        f"{a['target']} {a['part']} {a['precision']}: {'; '.join(a['gate']['failures'])}"
-        for run in report["runs"]
-        for a in run["artifacts"]
-        if not a["gate"]["passed"]
-    ]
+    """One line per failure: a run that could not be validated, a conversion that failed, an
+    artifact below its gate (or not loadable), naming it and why."""
+    lines = []
+    for run in report["runs"]:
+        if "error" in run:
+            lines.append(f"{run['target']}: {run['error']}")
+        for failure in run.get("conversion_failures", []):
+            lines.append(
+                f"{run['target']} {failure['part']} {failure['precision']}: conversion failed: {failure['error']}"
+            )
+        lines += [
+            f"{a['target']} {a['part']} {a['precision']}: {'; '.join(a['gate']['failures'])}"
+            for a in run["artifacts"]
+            if not a["gate"]["passed"]
+        ]
+    return lines
 
 
 def summary_markdown(report: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(SUMMARY_HEADER) + " |", "|" + "---|" * len(SUMMARY_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(report)]
+    if not report.get("ground_truth", True):
+        lines.append(
+            f"\nPhotos: {report.get('photos')}. No ground truth was used: prompts are seeded grid points and "
+            "boxes around PyTorch's own masks, and every figure compares a file with PyTorch."
+        )
     for run in report["runs"]:
+        if "error" in run:
+            lines.append(f"\n{run['target']}: NOT VALIDATED: {run['error']}")
+            continue
         baselines = run["baselines"]
         described = []
         for name in ("pytorch", "onnxruntime"):
@@ -388,6 +513,10 @@ def summary_markdown(report: dict[str, Any]) -> str:
             f"\n{run['target']}: runtime {run.get('runtime', '?')}; weights {run['weights']}; " + "; ".join(described)
         )
     return "\n".join(lines)
+
+
+def _mean_or_dash(summary: dict[str, float] | None) -> str:
+    return "-" if summary is None else f"{summary['mean']:.3f}"
 
 
 def _ratio(median: float, baseline: dict[str, Any]) -> str:
@@ -418,12 +547,15 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
                     f"max abs {agreement['embeddings']['max_abs_error']:.2e}"
                 )
             else:
-                truth_torch = np.mean([v["ground_truth_iou"]["pytorch"]["mean"] for v in agreement.values()])
-                truth_file = np.mean([v["ground_truth_iou"]["artifact"]["mean"] for v in agreement.values()])
-                quality = f"IoU with ground truth PyTorch {truth_torch:.3f} / file {truth_file:.3f}; "
+                truths = [v["ground_truth_iou"] for v in agreement.values() if v["ground_truth_iou"]["pytorch"]]
+                quality = ""
+                if truths:
+                    truth_torch = np.mean([t["pytorch"]["mean"] for t in truths])
+                    truth_file = np.mean([t["artifact"]["mean"] for t in truths])
+                    quality = f"IoU with ground truth PyTorch {truth_torch:.3f} / file {truth_file:.3f}; "
                 quality += "; ".join(
                     f"{kind} IoU {v['mask_iou']['mean']:.3f}/{v['mask_iou']['min']:.3f} "
-                    f"conf {v['mask_iou_confident']['mean']:.3f} PSNR {v['logits_psnr_db_min']:.1f}"
+                    f"conf {_mean_or_dash(v['mask_iou_confident'])} PSNR {v['logits_psnr_db_min']:.1f}"
                     for kind, v in agreement.items()
                 )
             gate = "pass" if artifact["gate"]["passed"] else "FAIL"
