@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import read_toml_table
+from pipeline.config import check_types, read_toml_table
 from pipeline.errors import ConfigError
 from pipeline.model import TEACHER_TYPES
 
@@ -52,6 +52,7 @@ class DistillConfig:
     eval_prompts_per_image: int = 4
 
     def __post_init__(self) -> None:
+        check_types(self, "distill config")
         if self.teacher_type not in TEACHER_TYPES:
             raise ConfigError(f"teacher_type {self.teacher_type!r}; expected one of {', '.join(TEACHER_TYPES)}")
         if self.image_size % 16 or not 64 <= self.image_size <= 1024:
@@ -87,6 +88,9 @@ def load_distill_config(path: Path | None, **overrides: Any) -> DistillConfig:
     if path is not None:
         path = Path(path)
         raw = read_toml_table(path, {f.name for f in fields(DistillConfig)}, table="distill")
+        for key in _PATHS & set(raw):
+            if not isinstance(raw[key], str):
+                raise ConfigError(f"{path}: {key} must be a path string, got {type(raw[key]).__name__} {raw[key]!r}")
         raw = {k: (Path(os.path.normpath(path.parent / v)) if k in _PATHS and v else v) for k, v in raw.items()}
     config = DistillConfig(**raw)
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})

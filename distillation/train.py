@@ -123,8 +123,20 @@ IDENTITY_FIELDS = (
     "seed",
     "mixed_precision",
 )
-"""Every config field that changes the trained weights. Not here: world size (the result does not
-depend on it), out_dir, checkpoint_every and the evaluation settings."""
+"""Every config field that changes the trained weights (with the teacher's checkpoint sha256 and the
+image list's digest, which stand for teacher_checkpoint, images, max_images and held_out)."""
+NOT_IN_IDENTITY = (
+    "teacher_checkpoint",
+    "images",
+    "max_images",
+    "held_out",
+    "out_dir",
+    "shard_size",
+    "checkpoint_every",
+    "eval_prompts_per_image",
+)
+"""Fields that do not change the weights by themselves: paths and counts that the sha256 and the
+image digest stand for, where files go, how often a state is saved, and the evaluation."""
 
 
 def state_identity(config: DistillConfig, sources: list[ImageSource], teacher_sha256: str | None) -> dict[str, Any]:

@@ -107,38 +107,43 @@ def load_config(path: Path | None) -> RunConfig:
         raise ConfigError(f"{path}: {error}") from None
 
 
-_EXPECTED_TYPES: dict[str, tuple[type, ...]] = {
-    "model_type": (str,),
-    "checkpoint": (Path, type(None)),
-    "weights_seed": (int,),
-    "num_points": (int,),
-    "targets": (tuple,),
-    "precisions": (tuple,),
-    "out_dir": (Path,),
-    "gates": (dict,),
-    "target_options": (dict,),
+_TYPE_NAMES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "Path": (Path,),
+    "None": (type(None),),
 }
 
 
-def check_types(config: Any, what: str) -> None:
-    """One line naming the key, the expected type and the value for any mistyped field.
+def _allowed_types(annotation: str) -> tuple[type, ...]:
+    """`int | None`, `tuple[str, ...]`, `dict[str, dict[str, float]]` -> the runtime types allowed."""
+    allowed: tuple[type, ...] = ()
+    for alternative in annotation.split(" | "):
+        base = alternative.split("[", 1)[0].strip()
+        allowed += {"tuple": (tuple,), "dict": (dict,)}.get(base, _TYPE_NAMES.get(base, (object,)))
+    return allowed
 
-    bool is refused where an int is expected (TOML `num_points = true` is a mistake, not 1)."""
-    for name, expected in _EXPECTED_TYPES.items():
-        value = getattr(config, name, None)
-        if isinstance(value, bool) or not isinstance(value, expected):
-            wanted = " or ".join("none" if t is type(None) else t.__name__ for t in expected)
-            raise ConfigError(f"{what} key {name} must be {wanted}, got {type(value).__name__} {value!r}")
-    for name in ("targets", "precisions"):
-        items = getattr(config, name)
-        if not all(isinstance(item, str) for item in items):
-            raise ConfigError(f"{what} key {name} must be a list of strings, got {list(items)!r}")
-    for table in ("gates", "target_options"):
-        for key, value in getattr(config, table).items():
-            if not isinstance(value, dict):
-                raise ConfigError(
-                    f"{what} key {table}.{key} must be a table of options, got {type(value).__name__} {value!r}"
-                )
+
+def check_types(config: Any, what: str) -> None:
+    """Every field of a config dataclass has its declared type: one line naming the key, the
+    expected type and the value otherwise. bool is refused where a number is expected (TOML
+    `num_points = true` is a mistake, not 1)."""
+    for spec in fields(config):
+        value = getattr(config, spec.name)
+        allowed = _allowed_types(str(spec.type))
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+            wanted = str(spec.type).replace("None", "none")
+            raise ConfigError(f"{what} key {spec.name} must be {wanted}, got {type(value).__name__} {value!r}")
+        if isinstance(value, tuple) and not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"{what} key {spec.name} must be a list of strings, got {list(value)!r}")
+        if isinstance(value, dict):
+            for key, table in value.items():
+                if not isinstance(table, dict):
+                    raise ConfigError(
+                        f"{what} key {spec.name}.{key} must be a table of options, got {type(table).__name__} {table!r}"
+                    )
 
 
 def parse_bool(value: Any, what: str) -> bool:
@@ -148,13 +153,6 @@ def parse_bool(value: Any, what: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     raise ConfigError(f"{what} must be true or false, got {value!r}")
-
-
-def expect_type(value: Any, expected: type, what: str) -> Any:
-    """`value` if it has the expected type (bool is not an int), else one line naming it."""
-    if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
-        raise ConfigError(f"{what} must be {expected.__name__}, got {type(value).__name__} {value!r}")
-    return value
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, convert: bool = True) -> None:

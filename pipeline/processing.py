@@ -30,11 +30,13 @@ class PreparedImage:
 
 @dataclass(frozen=True)
 class Prompt:
-    """Prompts in the photo's pixel frame: points (k x 2, x y) with labels 0/1, and/or a box."""
+    """Prompts in the photo's pixel frame: points (k x 2, x y) with labels 0/1, and/or a box, and
+    optionally the low-res mask logits of an earlier pass to refine (SamPredictor's `mask_input`)."""
 
     points: np.ndarray | None = None
     labels: np.ndarray | None = None
     box: np.ndarray | None = None  # x0, y0, x1, y1
+    mask_input: np.ndarray | None = None  # 256x256 (or 1x256x256) logits: an earlier low_res_masks entry
 
     @property
     def num_slots(self) -> int:
@@ -100,11 +102,24 @@ def prompt_to_decoder_inputs(
     point_labels = np.full((1, num_points), float(PointLabel.PADDING), dtype=np.float32)
     point_coords[0, : len(all_coords)] = _RESIZE.apply_coords(all_coords, original_size)
     point_labels[0, : len(all_labels)] = all_labels
+    mask_input = np.zeros((1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE), dtype=np.float32)
+    has_mask_input = np.zeros((1,), dtype=np.float32)
+    if prompt.mask_input is not None:
+        previous = np.asarray(prompt.mask_input, dtype=np.float32)
+        if previous.size != LOW_RES_MASK_SIZE**2 or previous.shape[-2:] != (LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE):
+            raise PromptError(
+                f"mask_input must be one {LOW_RES_MASK_SIZE}x{LOW_RES_MASK_SIZE} low-res logit mask (a low_res_masks "
+                f"entry of an earlier pass), got shape {previous.shape}"
+            )
+        if not np.isfinite(previous).all():
+            raise PromptError("mask_input holds non-finite values (NaN or Inf)")
+        mask_input[0, 0] = previous.reshape(LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE)
+        has_mask_input[0] = 1.0
     return {
         "point_coords": point_coords,
         "point_labels": point_labels,
-        "mask_input": np.zeros((1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE), dtype=np.float32),
-        "has_mask_input": np.zeros((1,), dtype=np.float32),
+        "mask_input": mask_input,
+        "has_mask_input": has_mask_input,
     }
 
 

@@ -10,7 +10,7 @@ import pytest
 from pipeline.checkpoints import WeightsSource
 from pipeline.config import RunConfig, load_config
 from pipeline.contract import encoder_contract
-from pipeline.errors import ArtifactError, ConfigError
+from pipeline.errors import ArtifactError, ConfigError, PipelineError
 from pipeline.files import atomic_produce
 from pipeline.manifest import ArtifactRecord, Manifest, read_manifest, tool_versions, verify_artifact
 
@@ -30,6 +30,15 @@ def test_config_from_toml(tmp_path):
         ("precisions = ['fp8']", "unknown precisions"),
         ("model_type = 'vit_x'", "model_type"),
         ("num_points = [", "not valid TOML"),
+        ("num_points = '8'", "key num_points must be int, got str '8'"),
+        ("num_points = true", "key num_points must be int, got bool True"),
+        ("weights_seed = 1.5", "key weights_seed must be int, got float 1.5"),
+        ("seed = 3", "unknown keys \\['seed'\\]"),
+        ("precisions = 'fp32'", "precisions must be a list of strings"),
+        ("precisions = [32]", "precisions must be a list of strings"),
+        ("precisions = []", "precisions is empty"),
+        ("checkpoint = 5", "checkpoint must be a path string"),
+        ("[target_options]\ncoreml = 'fast'", "target_options.coreml must be a table"),
     ],
 )
 def test_bad_config(tmp_path, text, message):
@@ -86,25 +95,78 @@ def test_failed_produce_keeps_earlier_artifact(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.pte"]
 
 
-def test_partial_run_keeps_earlier_files_of_the_same_weights(tmp_path):
-    from mobile_targets.convert import kept_earlier_records
+def _keeper_folder(tmp_path, seed: int = 0):
+    from mobile_targets import get_target
+    from mobile_targets.convert import ManifestKeeper
 
     out = tmp_path / "tflite"
-    out.mkdir()
-    weights = WeightsSource("vit_t", None, None, 0).to_json()
+    out.mkdir(exist_ok=True)
+    weights = WeightsSource("vit_t", None, None, seed)
 
     def record(name: str, precision: str) -> ArtifactRecord:
         path = out / name
-        path.write_bytes(name.encode())
+        path.write_bytes(name.encode() + bytes([seed]))
         return ArtifactRecord.describe_file(
             path, out, part="image_encoder", target="tflite", precision=precision, contract={}
         )
 
+    def keeper() -> ManifestKeeper:
+        return ManifestKeeper(out, get_target("tflite"), weights, RunConfig())
+
+    return out, record, keeper
+
+
+def test_partial_run_keeps_earlier_files_of_the_same_weights(tmp_path):
+    out, record, keeper = _keeper_folder(tmp_path)
     fp32, int8 = record("enc_fp32.tflite", "fp32"), record("enc_int8.tflite", "int8")
-    Manifest("tflite", weights, RunConfig().to_json(), {}, (fp32, int8)).write(out)
-    new_int8 = record("enc_int8.tflite", "int8")
-    assert kept_earlier_records(out, weights, RunConfig(), [new_int8]) == [fp32]
-    other_weights = WeightsSource("vit_t", None, None, 1).to_json()
-    assert kept_earlier_records(out, other_weights, RunConfig(), [new_int8]) == []
+    first = keeper()
+    first.add(fp32)
+    assert read_manifest(out / "manifest.json").artifacts == (fp32,)  # written after every file
+    first.add(int8)
+    second = keeper()
+    second.fail("image_encoder", "int8", "converter crashed")
+    manifest = read_manifest(out / "manifest.json")
+    assert manifest.artifacts == (fp32, int8)  # the earlier int8 file is kept and still listed
+    assert [(f.part, f.precision, f.error) for f in manifest.failures] == [
+        ("image_encoder", "int8", "converter crashed")
+    ]
     (out / "enc_fp32.tflite").write_bytes(b"changed")
-    assert kept_earlier_records(out, weights, RunConfig(), [new_int8]) == []
+    assert keeper().manifest.artifacts == (int8,)  # a file that changed since is no longer described
+
+
+def test_other_weights_are_moved_aside_never_deleted(tmp_path):
+    out, record, keeper = _keeper_folder(tmp_path, seed=0)
+    first = keeper()
+    first.add(record("enc_fp32.tflite", "fp32"))
+    _, _, other = _keeper_folder(tmp_path, seed=1)
+    moved = other()
+    assert moved.manifest.artifacts == () and not (out / "manifest.json").exists()
+    (folder,) = (out / "superseded").iterdir()
+    assert (folder / "enc_fp32.tflite").read_bytes() == b"enc_fp32.tflite\x00"
+    assert read_manifest(folder / "manifest.json").weights["seed"] == 0
+
+
+def test_target_options_name_known_targets_and_booleans_are_strict():
+    from mobile_targets import check_target_options, get_target
+    from pipeline.config import parse_bool
+
+    with pytest.raises(PipelineError, match=r"unknown targets \['corml'\]"):
+        check_target_options({"corml": {"encoder_input": "image"}})
+    check_target_options({"coreml": {}, "tflite": {}})
+    assert parse_bool("true", "x") is True and parse_bool("False", "x") is False and parse_bool(False, "x") is False
+    for bad in ("yes", "1", 1, "maybe"):
+        with pytest.raises(ConfigError, match="must be true or false"):
+            parse_bool(bad, "coreml option fp32_point_encoding")
+    with pytest.raises(ConfigError, match="fp32_point_encoding must be true or false, got 'no'"):
+        get_target("coreml").with_options({"fp32_point_encoding": "no"})
+    with pytest.raises(ConfigError, match="takes no options"):
+        get_target("tflite").with_options({"threads": 2})
+
+
+def test_gate_values_are_type_checked():
+    from validation.gates import gates_from_config
+
+    with pytest.raises(ConfigError, match=r"gates\.int8\.mask_iou_mean must be a finite number, got str 'high'"):
+        gates_from_config({"int8": {"mask_iou_mean": "high"}})
+    with pytest.raises(ConfigError, match="finite number"):
+        gates_from_config({"int8": {"mask_iou_mean": float("nan")}})

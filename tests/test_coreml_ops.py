@@ -13,16 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import coremltools as ct  # a core dependency: a missing install fails here, never skips
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from coremltools.converters.mil import Builder as mb
 
-ct = pytest.importorskip("coremltools")
-from coremltools.converters.mil import Builder as mb  # noqa: E402
-
-from mobile_targets.coreml_emulator import MilProgram, UnsupportedOpError  # noqa: E402
-from mobile_targets.mil_ops import KERNELS  # noqa: E402
+from mobile_targets.coreml_emulator import MilProgram, UnsupportedOpError
+from mobile_targets.mil_ops import KERNELS
 
 RNG = np.random.default_rng(0)
 

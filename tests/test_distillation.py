@@ -220,3 +220,26 @@ def test_learning_rate_schedule():
     assert factors[0] == pytest.approx(0.2) and factors[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
     assert factors[-1] == pytest.approx(0.01, abs=2e-3)
+
+
+def test_resume_identity_covers_teacher_images_and_every_schedule_field(image_folder):
+    """A saved state resumes only into the same run: teacher, image list and schedule included."""
+    from dataclasses import fields, replace
+
+    from distillation.train import IDENTITY_FIELDS, NOT_IN_IDENTITY, state_identity
+
+    assert sorted(IDENTITY_FIELDS + NOT_IN_IDENTITY) == sorted(f.name for f in fields(DistillConfig))
+    sources = discover_images(image_folder)
+    config = DistillConfig(teacher_type="vit_b", image_size=64)
+    base = state_identity(config, sources, None)
+    assert state_identity(config, list(sources), None) == base
+    changed = {
+        "accumulation": state_identity(replace(config, accumulation=2), sources, None),
+        "min_lr_ratio": state_identity(replace(config, min_lr_ratio=0.5), sources, None),
+        "teacher_type": state_identity(replace(config, teacher_type="vit_l"), sources, None),
+        "teacher checkpoint": state_identity(config, sources, "0" * 64),
+        "image swapped": state_identity(config, sources[:-2] + sources[-1:] + sources[-2:-1], None),
+        "image removed": state_identity(config, sources[1:], None),
+    }
+    for what, identity in changed.items():
+        assert identity != base, what

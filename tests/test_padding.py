@@ -65,3 +65,26 @@ def test_extra_padding_tokens_are_not_neutral(photo_predictors):
     _, _, unmasked = sam_predictor.predict(padded_points, padded_labels, multimask_output=True, return_logits=True)
     ours = reference.predict(prompt, multimask_output=True)
     assert np.abs(ours.low_res_masks[0, 1:] - unmasked).max() > 1e-3
+
+
+@pytest.mark.parametrize("with_box", [False, True])
+def test_refinement_with_the_previous_mask_matches_sam_predictor(photo_predictors, with_box):
+    """A second pass with the first pass's best low-res logits as mask_input (has_mask_input = 1),
+    exactly as SamPredictor.predict(mask_input=...), for point and box+point prompts."""
+    image, sam_predictor, reference = photo_predictors
+    reference.num_points = 5
+    prompt = _random_prompt(np.random.default_rng(11 + with_box), *image.shape[:2], 2, with_box)
+    _, scores, first = sam_predictor.predict(prompt.points, prompt.labels, prompt.box, multimask_output=True)
+    previous = first[int(np.argmax(scores))]
+    _, refined_scores, refined = sam_predictor.predict(
+        prompt.points, prompt.labels, prompt.box, mask_input=previous[None], multimask_output=False, return_logits=True
+    )
+    ours = reference.predict(
+        Prompt(points=prompt.points, labels=prompt.labels, box=prompt.box, mask_input=previous),
+        multimask_output=False,
+    )
+    difference = np.abs(ours.low_res_masks[0, :1] - refined).max()
+    assert difference < 1e-5, f"refinement: max logit difference {difference}"
+    np.testing.assert_allclose(ours.iou_predictions[0, :1], refined_scores, atol=1e-5)
+    without = reference.predict(Prompt(points=prompt.points, labels=prompt.labels, box=prompt.box), False)
+    assert np.abs(without.low_res_masks[0, :1] - refined).max() > 1e-3, "the mask input must change the answer"

@@ -62,3 +62,21 @@ def test_labels_documented_in_contract():
     labels = decoder_contract(5).spec("point_labels").description
     for label in PointLabel:
         assert f"{int(label)} {label.name.lower()}" in labels
+
+
+def test_mask_input_sets_the_refinement_flag_and_is_checked():
+    previous = np.full((256, 256), 0.5, np.float32)
+    inputs = prompt_to_decoder_inputs(
+        Prompt(points=np.array([[1.0, 1.0]]), labels=np.array([1.0]), mask_input=previous), (10, 10)
+    )
+    assert inputs["has_mask_input"].tolist() == [1.0] and np.array_equal(inputs["mask_input"][0, 0], previous)
+    plain = prompt_to_decoder_inputs(Prompt(points=np.array([[1.0, 1.0]]), labels=np.array([1.0])), (10, 10))
+    assert plain["has_mask_input"].tolist() == [0.0] and not plain["mask_input"].any()
+    with pytest.raises(PromptError, match="mask_input must be one 256x256"):
+        prompt_to_decoder_inputs(
+            Prompt(points=np.array([[1.0, 1.0]]), labels=np.array([1.0]), mask_input=np.zeros((64, 64))), (10, 10)
+        )
+    with pytest.raises(PromptError, match="non-finite"):
+        prompt_to_decoder_inputs(
+            Prompt(points=np.array([[1.0, 1.0]]), labels=np.array([1.0]), mask_input=previous * np.nan), (10, 10)
+        )

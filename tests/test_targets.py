@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mobile_targets import get_target
-from mobile_targets.convert import convert_target, instance_prompt
+from mobile_targets.convert import convert_target, example_prompts
 from pipeline.config import RunConfig
 from pipeline.contract import decoder_contract, encoder_contract
 from pipeline.errors import ArtifactError
@@ -16,17 +16,21 @@ from pipeline.manifest import read_manifest, verify_artifact
 from pipeline.metrics import mask_iou, psnr_db
 from pipeline.predictor import ReferencePredictor
 from pipeline.processing import prepare_image, prompt_to_decoder_inputs, select_mask_index, upscale_masks
+from validation.gates import DEFAULT_GATES
 
 TARGETS = ("executorch", "tflite")
 EXTENSIONS = {"executorch": ".pte", "tflite": ".tflite"}
-# (target, precision, min embedding PSNR dB, min mask IoU vs PyTorch); quantized bounds sit under
-# what was measured with random weights, whose logits hug 0 (see README, validation).
+# (target, precision, min embedding PSNR dB, min mask IoU vs PyTorch): the validate stage's own
+# gates, so a file these tests pass is a file validate passes.
 AGREEMENT = [
-    ("executorch", "fp32", 60.0, 0.99),
-    ("executorch", "int8", 15.0, 0.5),
-    ("tflite", "fp32", 60.0, 0.99),
-    ("tflite", "fp16", 40.0, 0.9),
-    ("tflite", "int8", 20.0, 0.5),
+    (target, precision, DEFAULT_GATES[precision].embeddings_psnr_db, DEFAULT_GATES[precision].mask_iou_min)
+    for target, precision in (
+        ("executorch", "fp32"),
+        ("executorch", "int8"),
+        ("tflite", "fp32"),
+        ("tflite", "fp16"),
+        ("tflite", "int8"),
+    )
 ]
 
 
@@ -78,8 +82,7 @@ def _check_agreement(manifest_path, manifest, our_model, photos, precision, min_
         prepared = prepare_image(image)
         embeddings = encoder.run({"image": prepared.image})["image_embeddings"]
         assert psnr_db(expected_embeddings, embeddings) > min_psnr
-        for instance in photos.instances(image_id)[:3]:
-            prompt = instance_prompt(instance.mask, instance.bbox)
+        for prompt in example_prompts(photos, image_id, image.shape, count=3):
             expected = reference.predict(prompt, multimask_output=False)
             inputs = prompt_to_decoder_inputs(prompt, prepared.original_size)
             outputs = decoder.run({"image_embeddings": embeddings, **inputs})
@@ -107,3 +110,33 @@ def test_corrupt_and_truncated_files_fail_with_one_line(converted, tmp_path):
         with pytest.raises(ArtifactError) as info:
             target.load_runner(path, decoder_contract(5))
         assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_refinement_in_the_runtime_matches_sam_predictor(converted, our_model, photos):
+    """The fp32 decoder file, given SamPredictor's previous low-res mask (has_mask_input = 1),
+    gives SamPredictor's refined mask in the target's own runtime."""
+    from segment_anything import SamPredictor
+
+    manifest_path, manifest = converted
+    decoder = _load(manifest_path, manifest, "prompt_decoder", "fp32")
+    image_id = photos.image_ids()[12]
+    image = photos.image(image_id)
+    sam_predictor = SamPredictor(our_model)
+    sam_predictor.set_image(image)
+    embeddings = sam_predictor.get_image_embedding().numpy()
+    for prompt in example_prompts(photos, image_id, image.shape, count=2):
+        _, scores, first = sam_predictor.predict(prompt.points, prompt.labels, prompt.box, multimask_output=True)
+        previous = first[int(np.argmax(scores))]
+        _, refined_scores, refined = sam_predictor.predict(
+            prompt.points,
+            prompt.labels,
+            prompt.box,
+            mask_input=previous[None],
+            multimask_output=False,
+            return_logits=True,
+        )
+        refinement = type(prompt)(points=prompt.points, labels=prompt.labels, box=prompt.box, mask_input=previous)
+        inputs = prompt_to_decoder_inputs(refinement, image.shape[:2])
+        outputs = decoder.run({"image_embeddings": embeddings, **inputs})
+        assert np.abs(outputs["low_res_masks"][0, :1] - refined).max() < 1e-3
+        np.testing.assert_allclose(outputs["iou_predictions"][0, :1], refined_scores, atol=1e-4)

@@ -97,7 +97,7 @@ def test_gates_fail_below_threshold_and_read_overrides():
         gates_from_config({"int8": {"psnr": 1.0}})
 
 
-def test_confident_iou_ignores_near_zero_logits_and_is_nan_when_empty():
+def test_confident_iou_ignores_near_zero_logits_and_is_undefined_when_empty():
     teacher = np.array([[-0.3, 0.05, 0.4], [0.02, -0.01, 0.3]])
     confident = confident_pixels(teacher)
     assert confident.tolist() == [[True, False, True], [False, False, True]]
@@ -105,4 +105,29 @@ def test_confident_iou_ignores_near_zero_logits_and_is_nan_when_empty():
     flipped_near_zero[0, 1] = False  # a sign flip at 0.05 does not count
     assert confident_iou(teacher > 0, flipped_near_zero, confident) == 1.0
     assert confident_iou(teacher > 0, np.zeros_like(confident), confident) == 0.0
-    assert np.isnan(confident_iou(teacher > 0, teacher > 0, np.zeros_like(confident)))
+    assert confident_iou(teacher > 0, teacher > 0, np.zeros_like(confident)) is None
+
+
+def test_nan_is_a_failure_never_a_value_to_skip():
+    from validation.run import _summary, nan_min
+
+    assert _summary([0.99, None, 1.0])["defined"] == 2
+    assert _summary([None, None]) is None
+    summary = _summary([0.99, float("nan"), 1.0])
+    assert np.isnan(summary["mean"]) and np.isnan(summary["min"])
+    assert np.isnan(nan_min([70.0, float("nan")])) and nan_min([70.0, 80.0]) == 70.0
+    decoder = {
+        "part": "prompt_decoder",
+        "non_finite_outputs": {"low_res_masks": 0, "iou_predictions": 0},
+        "agreement": {"box": {"mask_iou": summary, "mask_iou_confident": None}},
+    }
+    assert gate_failures(decoder, DEFAULT_GATES["fp32"]) == [
+        "box: mask IoU mean nan < 0.99",
+        "box: mask IoU min nan < 0.98",
+    ]
+    encoder = {"part": "image_encoder", "non_finite_outputs": {"image_embeddings": 7}}
+    encoder["agreement"] = {"embeddings": {"psnr_db_min": float("nan")}}
+    assert gate_failures(encoder, DEFAULT_GATES["int8"]) == [
+        "output image_embeddings had 7 non-finite values (NaN or Inf)",
+        "embeddings PSNR nan dB < 25.0",
+    ]

@@ -43,13 +43,21 @@ def main() -> int:
     parser.add_argument(
         "--prompt-seed", type=int, default=ValidationSettings.prompt_seed, help="seed of the sampled prompt points"
     )
+    parser.add_argument(
+        "--skip-baselines", action="store_true", help="no PyTorch/ONNX Runtime/compute-floor timings (a quicker check)"
+    )
     args = parser.parse_args()
     setup_logging()
     config = config_from_args(args)
     check_target_options(config.target_options)
     gates = gates_from_config(config.gates)
     photos = photos_from_options(args.images, args.annotations, default="validation")
-    settings = ValidationSettings(max_images=args.max_images, threads=args.threads, prompt_seed=args.prompt_seed)
+    settings = ValidationSettings(
+        max_images=args.max_images,
+        threads=args.threads,
+        prompt_seed=args.prompt_seed,
+        baselines=not args.skip_baselines,
+    )
     masks: dict = {}
     out = Path(config.out_dir)
     report = validate_run(out, photos, settings, gates, masks, checkpoint=config.checkpoint)

@@ -95,7 +95,7 @@ def bar_figure(report: dict[str, Any], metric: str) -> str:
     axis.set_ylabel("warm median latency (ms)" if metric == "latency" else "size (MB)")
     axis.set_title("latency (blue: encoder, orange: decoder)" if metric == "latency" else "size on disk")
     if metric == "latency":
-        for run in [r for r in report["runs"] if "baselines" in r][:1]:
+        for run in [r for r in report["runs"] if r.get("baselines", {}).get("pytorch")][:1]:
             for part, style in (("image_encoder", "--"), ("prompt_decoder", ":")):
                 axis.axhline(run["baselines"]["pytorch"][part]["median_s"] * 1000, ls=style, color="grey", lw=1)
     return _png(figure)

@@ -52,6 +52,8 @@ class ValidationSettings:
     threads: int = 2
     prompt_seed: int = 0
     """Seed of the sampled prompt points (never the weights' seed)."""
+    baselines: bool = True
+    """Time PyTorch eager, ONNX Runtime and the compute floor (about a minute); off for quick checks."""
 
 
 @dataclass
@@ -311,6 +313,10 @@ def validate_artifact(
     return result
 
 
+NO_BASELINES: dict[str, Any] = {"pytorch": {}, "onnxruntime": {}, "compute_floor": None}
+"""What a run records when baselines are off (--skip-baselines): no ratios, no floor."""
+
+
 def baseline_latencies(
     predictor: ReferencePredictor, first: ReferenceImage, settings: ValidationSettings
 ) -> dict[str, Any]:
@@ -390,6 +396,8 @@ def validate_run(
         raise PipelineError(
             f"no manifests under {out_dir}; run a convert session first (expected {out_dir}/<target>/manifest.json)"
         )
+    for image_id in photos.image_ids()[: settings.max_images]:
+        photos.image(image_id)  # a photo that cannot be read is the whole stage's bad input: one line, exit 2
     torch.set_num_threads(settings.threads)
     gates = gates or DEFAULT_GATES
     report: dict[str, Any] = {
@@ -414,7 +422,10 @@ def validate_run(
                 references = build_reference(predictor, photos, settings)
                 if not any(ref.cases for ref in references):
                     raise PipelineError(f"no prompts could be made from {photos.describe()}")
-                reference_runs[key] = (source, references, baseline_latencies(predictor, references[0], settings))
+                baselines = NO_BASELINES
+                if settings.baselines:
+                    baselines = baseline_latencies(predictor, references[0], settings)
+                reference_runs[key] = (source, references, baselines)
         except Exception as error:  # this run's error; the other targets are still validated
             message = str(error) if isinstance(error, PipelineError) else one_line(error)
             report["runs"].append(failed_run(manifest_path, target_name, message))
@@ -505,10 +516,11 @@ def summary_markdown(report: dict[str, Any]) -> str:
             ]
             described.append(f"{name} fp32 median {', '.join(medians) or 'unavailable'}")
         floor = baselines["compute_floor"]
-        described.append(
-            f"encoder {floor['encoder_gflops']:.1f} GFLOP at {floor['matmul_gflops_per_s']:.0f} GFLOP/s matmul = "
-            f"floor {floor['encoder_floor_s'] * 1000:.0f} ms"
-        )
+        if floor:
+            described.append(
+                f"encoder {floor['encoder_gflops']:.1f} GFLOP at {floor['matmul_gflops_per_s']:.0f} GFLOP/s matmul "
+                f"= floor {floor['encoder_floor_s'] * 1000:.0f} ms"
+            )
         lines.append(
             f"\n{run['target']}: runtime {run.get('runtime', '?')}; weights {run['weights']}; " + "; ".join(described)
         )
@@ -535,9 +547,10 @@ def summary_rows(report: dict[str, Any]) -> list[list[str]]:
                 continue
             baselines = run["baselines"]
             median = artifact["latency"]["median_s"]
-            ratios = [_ratio(median, baselines["pytorch"][artifact["part"]])]
+            ratios = [_ratio(median, baselines["pytorch"].get(artifact["part"], {}))]
             ratios.append(_ratio(median, baselines["onnxruntime"].get(artifact["part"], {})))
-            floor = baselines["compute_floor"]["encoder_floor_s"] if artifact["part"] == "image_encoder" else None
+            compute_floor = baselines["compute_floor"]
+            floor = compute_floor["encoder_floor_s"] if compute_floor and artifact["part"] == "image_encoder" else None
             ratios.append(f"{median / floor:.1f}" if floor else "-")
             peak = f"{artifact['memory']['peak_increase_mb']:.0f}" if "memory" in artifact else "-"
             agreement = artifact["agreement"]
