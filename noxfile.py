@@ -43,7 +43,7 @@ def distill(session: nox.Session) -> None:
     """Decoupled distillation: teacher cache -> TinyViT student -> <out>/mobile_sam.pt + report.
 
     Without --teacher-checkpoint it runs the smoke config (distillation/configs/smoke.toml): a
-    seeded random ViT-B teacher at 256 px on ../shared/data/coco-cc-train, and says so. Options
+    seeded random ViT-B teacher at 256 px on the sample photos in pipeline/sample_photos, and says so. Options
     after `--`: --config FILE, --teacher-checkpoint PATH, --teacher-type, --images DIR, --out DIR,
     --epochs, --batch-size, --accumulation, --checkpoint-every, --max-images. Several processes:
     `torchrun --nproc_per_node N -m distillation run ...` in the session's environment.
@@ -61,8 +61,9 @@ def convert_coreml(session: nox.Session) -> None:
 
     Each package is checked right after conversion in the Core ML runtime on macOS, or in the
     MIL emulator elsewhere. Options after `--`: --config FILE, --checkpoint PATH, --out DIR,
-    --num-points N, --precisions fp16 fp32, --target-option coreml.KEY=VALUE with KEY one of
-    minimum_deployment_target (iOS16/iOS17/iOS18), encoder_input (tensor/image), compute_units.
+    --num-points N, --precisions fp16 fp32, --weights-seed S, --images DIR [--annotations FILE],
+    --target-option coreml.KEY=VALUE with KEY one of minimum_deployment_target (iOS16/iOS17/iOS18),
+    encoder_input (tensor/image), compute_units, fp32_point_encoding (true/false).
     """
     install_project(session, "coreml")
     session.run("python", "-m", "mobile_targets", "coreml", *session.posargs)
@@ -73,7 +74,7 @@ def convert_executorch(session: nox.Session) -> None:
     """Encoder and prompt decoder to `.pte` (XNNPACK), fp32 and int8, plus a manifest.
 
     Options after `--`: --config FILE, --checkpoint PATH, --out DIR, --num-points N,
-    --precisions fp32 int8, --calibration-images K.
+    --precisions fp32 int8, --weights-seed S, --calibration-images K, --images DIR [--annotations FILE].
     """
     install_project(session, "executorch")
     session.run("python", "-m", "mobile_targets", "executorch", *session.posargs)
@@ -93,7 +94,8 @@ def convert_tflite(session: nox.Session) -> None:
 def validate(session: nox.Session) -> None:
     """Every artifact under --out in its runtime, against PyTorch on real photos -> report.json.
 
-    Options after `--`: --out DIR, --images DIR --annotations FILE, --max-images K, --threads T.
+    Options after `--`: --out DIR, --config FILE, --checkpoint PATH, --images DIR [--annotations FILE]
+    (default: the held-out sample photos), --max-images K, --threads T, --prompt-seed S, --skip-baselines.
     """
     install_project(session, "validate")
     session.run("python", "-m", "validation", *session.posargs)
