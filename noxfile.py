@@ -1,4 +1,4 @@
-"""Sessions: distill, convert_coreml, convert_executorch, convert_tflite, validate, tests, lint (see README).
+"""Sessions: distill, convert_coreml, convert_executorch, convert_tflite, validate, selftest, tests, lint (see README).
 
 Environments are reused and dependencies are installed only when pyproject.toml changes, so a
 second run of any session starts in seconds instead of reinstalling torch.
@@ -99,6 +99,16 @@ def validate(session: nox.Session) -> None:
     """
     install_project(session, "validate")
     session.run("python", "-m", "validation", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def selftest(session: nox.Session) -> None:
+    """Every file's self-test vectors (<stem>.selftest.npz) through the file in its desktop runtime.
+
+    Options after `--`: --out DIR (default artifacts), --threads T. Exits 1 when any case misses.
+    """
+    install_project(session, "validate")
+    session.run("python", "-m", "validation.selftest", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -17,6 +17,7 @@ import torch
 
 from pipeline.contract import PartContract
 from pipeline.errors import ConfigError
+from pipeline.selftest import SelftestCase
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class PartToConvert:
     """Where the weights came from, for formats that carry metadata (Core ML)."""
     architecture: str = "MobileSAM (TinyViT-5M image encoder)"
     """The model's real architecture (pipeline.model.describe_architecture), for metadata."""
+    selftest: tuple[SelftestCase, ...] = ()
+    """Vectors that travel with the file (`<stem>.selftest.npz`): inputs and PyTorch fp32's outputs."""
 
     @property
     def name(self) -> str:

@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ from pipeline.contract import decoder_contract, encoder_contract
 from pipeline.datasets import CocoPhotos, Photos
 from pipeline.errors import ArtifactError, ConfigError, one_line
 from pipeline.export_wrappers import ImageEncoderForExport, PromptDecoderForExport
-from pipeline.files import atomic_produce
+from pipeline.files import atomic_produce, sha256_file
+from pipeline.gates import DEFAULT_GATES, selftest_tolerance
 from pipeline.manifest import (
     MANIFEST_NAME,
     ArtifactRecord,
@@ -38,7 +40,9 @@ from pipeline.manifest import (
 )
 from pipeline.metrics import max_abs_error, psnr_db, require_finite
 from pipeline.model import describe_architecture
+from pipeline.predictor import ReferencePredictor
 from pipeline.processing import Prompt, prepare_image, prompt_to_decoder_inputs
+from pipeline.selftest import SelftestCase, run_vectors, selftest_path, write_vectors
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +101,47 @@ def build_parts(
             named["image_embeddings"] = embeddings.numpy()
             decoder_inputs.append(tuple(torch.from_numpy(named[n]) for n in contract.input_names))
     architecture = describe_architecture(config.model_type)
+    first = photos.image_ids()[0]
+    first_image = photos.image(first)
+    first_prompt = example_prompts(photos, first, first_image.shape)[0]
+    encoder_cases, decoder_cases = selftest_cases(sam, first_image, first_prompt, config.num_points)
     return [
         PartToConvert(
-            encoder, encoder_contract(), encoder_inputs[0], tuple(encoder_inputs[1:]), architecture=architecture
+            encoder, encoder_contract(), encoder_inputs[0], tuple(encoder_inputs[1:]), architecture=architecture,
+            selftest=encoder_cases,
         ),
-        PartToConvert(decoder, contract, decoder_inputs[0], tuple(decoder_inputs[1:]), architecture=architecture),
-    ]
+        PartToConvert(
+            decoder, contract, decoder_inputs[0], tuple(decoder_inputs[1:]), architecture=architecture,
+            selftest=decoder_cases,
+        ),
+    ]  # fmt: skip
+
+
+SELFTEST_DECODER_KINDS = ("point", "box", "box_point", "refine")
+
+
+def selftest_cases(
+    sam: torch.nn.Module, image: np.ndarray, prompt: Prompt, num_points: int
+) -> tuple[tuple[SelftestCase, ...], tuple[SelftestCase, ...]]:
+    """The vectors that travel with each file, on a real photo: the encoder on the prepared photo;
+    the decoder on PyTorch's embeddings with a point, a box, both, and a refinement (the point
+    again with the first pass's best low-res mask as mask_input). Expected: PyTorch fp32."""
+    reference = ReferencePredictor(sam, num_points)
+    embeddings = reference.set_image(image)
+    encoder_case = SelftestCase("photo", {"image": reference.prepared.image}, {"image_embeddings": embeddings})
+    point = Prompt(points=prompt.points, labels=prompt.labels)
+    first_pass = reference.predict(point, multimask_output=True)
+    prompts = {
+        "point": point,
+        "box": Prompt(box=prompt.box),
+        "box_point": Prompt(points=prompt.points, labels=prompt.labels, box=prompt.box),
+        "refine": Prompt(points=prompt.points, labels=prompt.labels, mask_input=first_pass.best_low_res_mask),
+    }
+    decoder_cases = []
+    for kind in SELFTEST_DECODER_KINDS:
+        inputs = reference.decoder_inputs(prompts[kind])
+        decoder_cases.append(SelftestCase(kind, inputs, reference.decoder.run(inputs)))
+    return (encoder_case,), tuple(decoder_cases)
 
 
 def parity_gate(runner: Runner, part: PartToConvert, precision: str) -> dict[str, dict[str, float]]:
@@ -130,16 +169,45 @@ def parity_gate(runner: Runner, part: PartToConvert, precision: str) -> dict[str
     return results
 
 
+def selftest_gate(runner: Runner, part: PartToConvert, precision: str) -> dict[str, Any]:
+    """Run the part's self-test vectors through the fresh file: it must meet its precision's
+    gate on them, or the vectors would fail on the phone. Returns the manifest's `selftest`."""
+    tolerance = selftest_tolerance(DEFAULT_GATES[precision], part.name)
+    results = run_vectors(runner, list(part.selftest), tolerance)
+    misses = [miss for result in results for miss in result.misses]
+    if misses:
+        raise ArtifactError(f"{part.name} {precision}: self-test vectors missed: {'; '.join(misses)}")
+    psnrs = {name: min(r.psnr_db[name] for r in results) for name in part.contract.output_names}
+    ious = [r.mask_iou_min for r in results if r.mask_iou_min is not None]
+    return {
+        "cases": [case.kind for case in part.selftest],
+        "tolerance": tolerance.to_json(),
+        "measured": {"psnr_db_min": psnrs, "mask_iou_min": min(ious) if ious else None},
+    }
+
+
 def convert_one(target: Target, part: PartToConvert, precision: str, path: Path) -> dict:
+    """Convert, gate and self-test under temporary names; then the file and its vectors replace
+    the earlier ones together."""
     details: dict = {}
+    vectors = selftest_path(path)
+    staged_vectors = vectors.with_name(f".{vectors.name}.staged")
 
     def produce(temporary: Path) -> None:
         start = time.perf_counter()
         details.update(target.convert_part(part, precision, temporary))
         details["conversion_seconds"] = round(time.perf_counter() - start, 2)
-        details["gate"] = parity_gate(target.load_runner(temporary, part.contract), part, precision)
+        runner = target.load_runner(temporary, part.contract)
+        details["gate"] = parity_gate(runner, part, precision)
+        details["selftest"] = {"file": vectors.name, **selftest_gate(runner, part, precision)}
+        write_vectors(staged_vectors, list(part.selftest))
+        details["selftest"]["sha256"] = sha256_file(staged_vectors)
 
-    atomic_produce(path, produce)
+    try:
+        atomic_produce(path, produce)
+        os.replace(staged_vectors, vectors)
+    finally:
+        staged_vectors.unlink(missing_ok=True)
     return details
 
 

@@ -159,3 +159,14 @@ def decoder_contract(num_points: int = DEFAULT_NUM_POINTS) -> PartContract:
             "image, then resize to the original size.",
         ),
     )
+
+
+def contract_for(part: str, num_points: int = DEFAULT_NUM_POINTS) -> PartContract:
+    """The contract of a part by name; one line for a name that is neither part."""
+    if part == "image_encoder":
+        return encoder_contract()
+    if part == "prompt_decoder":
+        return decoder_contract(num_points)
+    from pipeline.errors import ArtifactError
+
+    raise ArtifactError(f"unknown part {part!r}; expected image_encoder or prompt_decoder")

@@ -1,19 +1,22 @@
-"""The PyTorch reference ("teacher") predictor: the two export wrappers on a photo and prompts.
+"""Encode, decode, upscale, select: the one chain every runtime and PyTorch share.
 
-It runs exactly the modules that are converted, with the same preparation and
-post-processing every runtime uses, and equals SamPredictor on the same inputs. The
-validation stage scores every converted file against it.
+`Segmenter` runs any encoder and decoder that take and give the contract's named arrays (a
+converted file's runner, or an export wrapper behind `TorchPart`), with the same preparation and
+post-processing an app does. `ReferencePredictor` is that chain over the PyTorch export wrappers:
+it equals SamPredictor on the same inputs, and the convert gate, validate, selftest, the tests
+and the benchmarks all score files against it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
-from pipeline.contract import DEFAULT_NUM_POINTS
+from pipeline.contract import DEFAULT_NUM_POINTS, PartContract, decoder_contract, encoder_contract
 from pipeline.export_wrappers import ImageEncoderForExport, PromptDecoderForExport
 from pipeline.processing import (
     PreparedImage,
@@ -24,6 +27,26 @@ from pipeline.processing import (
     select_mask_index,
     upscale_masks,
 )
+
+
+class NamedRunner(Protocol):
+    """Anything that runs one exported part: the contract's named float32 arrays in and out."""
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class TorchPart:
+    """An export wrapper behind the runner interface (PyTorch eager, fp32)."""
+
+    def __init__(self, module: torch.nn.Module, contract: PartContract) -> None:
+        self.module = module.eval()
+        self.contract = contract
+
+    @torch.inference_mode()
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.module(*(torch.from_numpy(np.asarray(inputs[name])) for name in self.contract.input_names))
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return {name: value.numpy() for name, value in zip(self.contract.output_names, outputs, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -39,42 +62,62 @@ class Prediction:
     def mask(self) -> np.ndarray:
         return self.mask_logits[self.selected] > 0
 
+    @property
+    def best_low_res_mask(self) -> np.ndarray:
+        """256x256 logits of the selected output: what an app feeds back as `mask_input`."""
+        return self.low_res_masks[0, self.selected]
 
-class ReferencePredictor:
-    """Encode a photo once, then decode any number of prompts (like SamPredictor)."""
 
-    def __init__(self, sam: Sam, num_points: int = DEFAULT_NUM_POINTS) -> None:
-        self.encoder = ImageEncoderForExport(sam).eval()
-        self.decoder = PromptDecoderForExport(sam).eval()
+class Segmenter:
+    """Encode a photo once (or take its embeddings), then decode any number of prompts."""
+
+    def __init__(self, decoder: NamedRunner, encoder: NamedRunner | None = None, num_points: int = DEFAULT_NUM_POINTS):
+        self.encoder = encoder
+        self.decoder = decoder
         self.num_points = num_points
         self.prepared: PreparedImage | None = None
         self.embeddings: np.ndarray | None = None
 
-    @torch.inference_mode()
     def set_image(self, image: np.ndarray) -> np.ndarray:
-        self.prepared = prepare_image(image)
-        self.embeddings = self.encoder(torch.from_numpy(self.prepared.image)).numpy()
-        return self.embeddings
+        if self.encoder is None:
+            raise RuntimeError("this segmenter has no encoder: call set_embeddings")
+        prepared = prepare_image(image)
+        return self.set_embeddings(prepared, self.encoder.run({"image": prepared.image})["image_embeddings"])
 
-    @torch.inference_mode()
-    def decode(self, decoder_inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        outputs = self.decoder(
-            *(
-                torch.from_numpy(decoder_inputs[name])
-                for name in ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input")
-            )
-        )
-        return outputs[0].numpy(), outputs[1].numpy()
+    def set_embeddings(self, prepared: PreparedImage, embeddings: np.ndarray) -> np.ndarray:
+        self.prepared, self.embeddings = prepared, embeddings
+        return embeddings
 
-    def predict(self, prompt: Prompt, multimask_output: bool | None = None) -> Prediction:
+    def decoder_inputs(self, prompt: Prompt) -> dict[str, np.ndarray]:
         if self.prepared is None or self.embeddings is None:
-            raise RuntimeError("call set_image before predict")
+            raise RuntimeError("call set_image or set_embeddings before predicting")
         inputs = prompt_to_decoder_inputs(prompt, self.prepared.original_size, self.num_points)
-        low_res, iou = self.decode({"image_embeddings": self.embeddings, **inputs})
-        multimask = default_multimask(prompt) if multimask_output is None else multimask_output
+        return {"image_embeddings": self.embeddings, **inputs}
+
+    def decode(self, inputs: dict[str, np.ndarray], multimask_output: bool) -> Prediction:
+        """Run the decoder on ready inputs, upscale to the photo and select like SamPredictor."""
+        outputs = self.decoder.run(inputs)
+        low_res, iou = outputs["low_res_masks"], outputs["iou_predictions"]
         return Prediction(
             low_res_masks=low_res,
             iou_predictions=iou,
             mask_logits=upscale_masks(low_res, self.prepared.input_size, self.prepared.original_size),
-            selected=select_mask_index(iou, multimask),
+            selected=select_mask_index(iou, multimask_output),
+        )
+
+    def predict(self, prompt: Prompt, multimask_output: bool | None = None) -> Prediction:
+        multimask = default_multimask(prompt) if multimask_output is None else multimask_output
+        return self.decode(self.decoder_inputs(prompt), multimask)
+
+
+class ReferencePredictor(Segmenter):
+    """The chain over the PyTorch export wrappers: the reference every file is scored against."""
+
+    def __init__(self, sam: Sam, num_points: int = DEFAULT_NUM_POINTS) -> None:
+        self.encoder_module = ImageEncoderForExport(sam).eval()
+        self.decoder_module = PromptDecoderForExport(sam).eval()
+        super().__init__(
+            decoder=TorchPart(self.decoder_module, decoder_contract(num_points)),
+            encoder=TorchPart(self.encoder_module, encoder_contract()),
+            num_points=num_points,
         )

@@ -1,7 +1,9 @@
-"""`python -m validation [--out DIR] [--config FILE] [--checkpoint PATH] [--images DIR [--annotations FILE]]`
+"""`python -m validation [--out DIR] [--config FILE] [--checkpoint PATH] [--images DIR [--annotations FILE]]
+[--teacher-checkpoint PATH [--teacher-type vit_h]]`
 
-Exits non-zero, naming each failure, when a run cannot be validated, a conversion failed, or an
-artifact is missing, unloadable, non-finite or below its gate. The reports are written either way.
+Exits 1, naming each failure, when a run cannot be validated, a conversion failed, or a file or a
+pair of files is missing, unloadable, non-finite or below its gate; 2 on bad input. The reports
+are written either way.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from pipeline.config import add_run_arguments, config_from_args
 from pipeline.datasets import photos_from_options
 from pipeline.errors import one_line
 from pipeline.files import atomic_write_bytes, atomic_write_json
+from pipeline.model import TEACHER_TYPES
 from validation.gates import gates_from_config
 from validation.html_report import write_html
-from validation.run import ValidationSettings, failed_artifacts, summary_markdown, validate_run
+from validation.run import TeacherSpec, ValidationSettings, validate_run
+from validation.text_report import summary_markdown
 
 
 def positive(text: str) -> int:
@@ -46,6 +50,8 @@ def main() -> int:
     parser.add_argument(
         "--skip-baselines", action="store_true", help="no PyTorch/ONNX Runtime/compute-floor timings (a quicker check)"
     )
+    parser.add_argument("--teacher-checkpoint", type=Path, help="official SAM checkpoint: also score against SAM")
+    parser.add_argument("--teacher-type", choices=TEACHER_TYPES, default="vit_h")
     args = parser.parse_args()
     setup_logging()
     config = config_from_args(args)
@@ -58,14 +64,15 @@ def main() -> int:
         prompt_seed=args.prompt_seed,
         baselines=not args.skip_baselines,
     )
+    teacher = TeacherSpec(args.teacher_checkpoint, args.teacher_type) if args.teacher_checkpoint else None
     masks: dict = {}
     out = Path(config.out_dir)
-    report = validate_run(out, photos, settings, gates, masks, checkpoint=config.checkpoint)
+    report = validate_run(out, photos, settings, gates, masks, checkpoint=config.checkpoint, teacher=teacher)
     summary = summary_markdown(report)
-    atomic_write_json(out / "report.json", report)
+    atomic_write_json(out / "report.json", report.to_json())
     atomic_write_bytes(out / "report.md", f"# Validation report\n\n{summary}\n".encode())
     print(summary)
-    failures = failed_artifacts(report)
+    failures = report.failures()
     try:
         write_html(report, photos, masks, out / "report.html")
         print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {out / 'report.html'}")

@@ -10,9 +10,12 @@ from scipy.ndimage import distance_transform_edt
 
 from pipeline.processing import Prompt
 
-PROMPT_KINDS = ("center_point", "random_point", "box", "box_point", "multi_point")
-GRID_PROMPT_KINDS = ("grid_point", "mask_box", "mask_box_point")
+PROMPT_KINDS = ("center_point", "random_point", "box", "box_point", "multi_point", "refine")
+GRID_PROMPT_KINDS = ("grid_point", "mask_box", "mask_box_point", "refine")
 """Without ground truth: a grid point, then a box around PyTorch's mask for it, alone and with the point."""
+REFINED_KIND = {"center_point": "refine", "grid_point": "refine"}
+"""A second pass after these kinds: the same point with the first pass's best low-res mask as
+`mask_input` (has_mask_input = 1), as SamPredictor's `mask_input`; one mask out."""
 GRID_SIDE = 4
 
 
@@ -26,13 +29,23 @@ class PromptCase:
     points: list[list[float]] | None
     labels: list[float] | None
     box: list[float] | None
+    refines: str | None = None
+    """For a refinement: the kind whose first-pass best low-res mask is the `mask_input`."""
 
-    def prompt(self) -> Prompt:
+    def prompt(self, mask_input: np.ndarray | None = None) -> Prompt:
         return Prompt(
             points=None if self.points is None else np.asarray(self.points, np.float32),
             labels=None if self.labels is None else np.asarray(self.labels, np.float32),
             box=None if self.box is None else np.asarray(self.box, np.float32),
+            mask_input=mask_input,
         )
+
+    def refinement(self) -> PromptCase | None:
+        """The second-pass case that refines this one's mask, if its kind has one."""
+        kind = REFINED_KIND.get(self.kind)
+        if kind is None:
+            return None
+        return PromptCase(self.image_id, self.annotation_id, kind, self.points, self.labels, self.box, self.kind)
 
     @property
     def multimask(self) -> bool:

@@ -1,0 +1,39 @@
+"""Per-precision gates: the agreement a converted file must reach against PyTorch.
+
+The validate stage fails a file below its gate; the self-test vectors that travel with each file
+carry the same numbers as tolerances an app can check on the device. Defaults sit under what was
+measured on real photos with seeded random weights (README, "Validate stage").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.selftest import Tolerance
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Minimums for one precision; a decoder is checked on every prompt kind."""
+
+    embeddings_psnr_db: float
+    mask_iou_mean: float
+    mask_iou_min: float
+    confident_iou_mean: float
+
+
+def selftest_tolerance(gate: Gate, part: str) -> Tolerance:
+    """The gate as the self-test check: embeddings PSNR for an encoder, the IoU of every low-res
+    mask for a decoder."""
+    if part == "image_encoder":
+        return Tolerance(min_psnr_db={"image_embeddings": gate.embeddings_psnr_db})
+    return Tolerance(min_mask_iou=gate.mask_iou_min)
+
+
+DEFAULT_GATES = {
+    "fp32": Gate(embeddings_psnr_db=60.0, mask_iou_mean=0.99, mask_iou_min=0.98, confident_iou_mean=0.99),
+    "fp16": Gate(embeddings_psnr_db=40.0, mask_iou_mean=0.98, mask_iou_min=0.95, confident_iou_mean=0.98),
+    "int8": Gate(embeddings_psnr_db=25.0, mask_iou_mean=0.95, mask_iou_min=0.90, confident_iou_mean=0.95),
+    # Core ML 6-bit palettes measured 27.0 dB embeddings and mask IoU mean 0.958-0.984 (min 0.939)
+    "palettize6": Gate(embeddings_psnr_db=22.0, mask_iou_mean=0.93, mask_iou_min=0.85, confident_iou_mean=0.95),
+}

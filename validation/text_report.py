@@ -1,0 +1,203 @@
+"""report.md: the tables people read, from the typed report (the HTML page shows the same rows)."""
+
+from __future__ import annotations
+
+import math
+
+from validation.schema import (
+    ArtifactResult,
+    KindScores,
+    Latency,
+    PairResult,
+    Report,
+    RunResult,
+    min_logits_psnr,
+    worst_kind_mean_iou,
+)
+
+SUMMARY_HEADER = (
+    "file",
+    "MB",
+    "ms (median)",
+    "x PyTorch",
+    "x ONNX Runtime",
+    "x floor",
+    "peak MB",
+    "gate",
+    "agreement with PyTorch",
+)
+KIND_HEADER = ("file or pair", "prompt kind", "prompts", "mask IoU mean / min / p5", "confident IoU", "logits PSNR min")
+
+
+def _ratio(median: float, baseline: Latency | str | None) -> str:
+    return f"{median / baseline.median_s:.2f}" if isinstance(baseline, Latency) else "-"
+
+
+def agreement_figure(result: ArtifactResult | PairResult) -> str:
+    """One short agreement figure: embeddings PSNR for an encoder; for a decoder or a pair, the
+    worst prompt kind's mean mask IoU and the lowest logit PSNR."""
+    if result.error:
+        return f"ERROR: {result.error}"
+    if isinstance(result, ArtifactResult) and result.encoder is not None:
+        return f"embeddings PSNR {result.encoder.psnr_db_min:.1f} dB"
+    return f"IoU {worst_kind_mean_iou(result.decoder):.3f} (worst kind), PSNR {min_logits_psnr(result.decoder):.1f} dB"
+
+
+def summary_rows(report: Report) -> list[list[str]]:
+    """One row per file: size, latency and its ratios, peak memory, gate, one agreement figure."""
+    rows = []
+    for run in report.runs:
+        for artifact in run.artifacts:
+            gate = "pass" if artifact.gate and artifact.gate.passed else "FAIL"
+            size = f"{artifact.bytes / 1e6:.1f}"
+            if artifact.error or artifact.latency is None:
+                rows.append([artifact.name, size, "-", "-", "-", "-", "-", gate, agreement_figure(artifact)])
+                continue
+            median = artifact.latency.median_s
+            floor = run.baselines.compute_floor
+            rows.append(
+                [
+                    artifact.name,
+                    size,
+                    f"{median * 1000:.0f}",
+                    _ratio(median, run.baselines.pytorch.get(artifact.part)),
+                    _ratio(median, run.baselines.onnxruntime.get(artifact.part)),
+                    f"{median / floor.encoder_floor_s:.1f}" if floor and artifact.part == "image_encoder" else "-",
+                    f"{artifact.memory.peak_increase_mb:.0f}" if artifact.memory else "-",
+                    gate,
+                    agreement_figure(artifact),
+                ]
+            )
+    return rows
+
+
+def _summary_cell(summary) -> str:
+    return "-" if summary is None else f"{summary.mean:.3f} / {summary.min:.3f} / {summary.p5:.3f}"
+
+
+def kind_rows(report: Report) -> list[list[str]]:
+    """The per-kind detail: every decoder file (on PyTorch's embeddings) and every pair."""
+    rows = []
+    named: list[tuple[str, dict[str, KindScores] | None]] = [
+        (a.name, a.decoder) for run in report.runs for a in run.artifacts if a.part == "prompt_decoder"
+    ]
+    named += [(f"pair {p.name}", p.decoder) for p in report.pairs]
+    for name, kinds in named:
+        for kind, scores in (kinds or {}).items():
+            confident = "-" if scores.mask_iou_confident is None else f"{scores.mask_iou_confident.mean:.3f}"
+            rows.append(
+                [
+                    name,
+                    kind,
+                    str(scores.prompts),
+                    _summary_cell(scores.mask_iou),
+                    confident,
+                    f"{scores.logits_psnr_db_min:.1f}",
+                ]
+            )
+    return rows
+
+
+def pair_matrix(report: Report, target: str) -> tuple[list[str], list[str], dict[tuple[str, str], PairResult]]:
+    """Encoder precisions (rows), decoder precisions (columns) and the pairs of one target."""
+    pairs = {(p.encoder_precision, p.decoder_precision): p for p in report.pairs if p.target == target}
+    encoders = list(dict.fromkeys(p.encoder_precision for p in pairs.values()))
+    decoders = list(dict.fromkeys(p.decoder_precision for p in pairs.values()))
+    return encoders, decoders, pairs
+
+
+def best_pairs_by_budget(report: Report, target: str) -> list[PairResult]:
+    """The best pair (highest worst-kind mean IoU, passing its gate) under each size budget: the
+    pairs no smaller pair beats, from the smallest up."""
+    candidates = sorted(
+        (p for p in report.pairs if p.target == target and p.gate and p.gate.passed),
+        key=lambda p: (p.bytes, -worst_kind_mean_iou(p.decoder)),
+    )
+    frontier: list[PairResult] = []
+    for pair in candidates:
+        score = worst_kind_mean_iou(pair.decoder)
+        if not math.isnan(score) and (not frontier or score > worst_kind_mean_iou(frontier[-1].decoder)):
+            frontier.append(pair)
+    return frontier
+
+
+def _table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def _run_line(run: RunResult) -> str:
+    if run.error:
+        return f"{run.target}: NOT VALIDATED: {run.error}"
+    described = []
+    for name, latencies in (("pytorch", run.baselines.pytorch), ("onnxruntime", run.baselines.onnxruntime)):
+        medians = [
+            f"{part.split('_')[-1]} {value.median_s * 1000:.0f} ms"
+            for part, value in latencies.items()
+            if isinstance(value, Latency)
+        ]
+        described.append(f"{name} fp32 median {', '.join(medians) or 'not measured'}")
+    floor = run.baselines.compute_floor
+    if floor:
+        described.append(
+            f"encoder {floor.encoder_gflops:.1f} GFLOP at {floor.matmul_gflops_per_s:.0f} GFLOP/s matmul "
+            f"= floor {floor.encoder_floor_s * 1000:.0f} ms"
+        )
+    return f"{run.target}: runtime {run.runtime}; weights {run.weights}; " + "; ".join(described)
+
+
+def summary_markdown(report: Report) -> str:
+    lines = ["## Files", "", *_table(SUMMARY_HEADER, summary_rows(report)), ""]
+    lines += [_run_line(run) + "  " for run in report.runs]
+    lines += [f"Photos: {report.photos}."]
+    if not report.ground_truth:
+        lines.append(
+            "No ground truth was used: prompts are seeded grid points, their refinements and boxes around "
+            "PyTorch's own masks, and every figure compares a file with PyTorch."
+        )
+    for run in report.runs:
+        encoders, decoders, pairs = pair_matrix(report, run.target)
+        if not pairs:
+            continue
+        lines += ["", f"## {run.target}: deployed pairs (encoder file into decoder file, photo to mask)", ""]
+        lines.append("Worst prompt kind's mean mask IoU against PyTorch, lowest logit PSNR, gate.")
+        lines.append("")
+        rows = []
+        for encoder in encoders:
+            row = [f"{encoder} encoder"]
+            for decoder in decoders:
+                pair = pairs.get((encoder, decoder))
+                if pair is None or pair.error:
+                    row.append("error" if pair else "-")
+                    continue
+                mark = "pass" if pair.gate and pair.gate.passed else "FAIL"
+                row.append(f"{worst_kind_mean_iou(pair.decoder):.3f}, {min_logits_psnr(pair.decoder):.1f} dB, {mark}")
+            rows.append(row)
+        lines += _table(["", *(f"{d} decoder" for d in decoders)], rows)
+        best = best_pairs_by_budget(report, run.target)
+        if best:
+            lines += ["", "Best pair under each size budget:", ""]
+            lines += [
+                f"- up to {p.bytes / 1e6:.1f} MB: {p.encoder_precision} encoder + {p.decoder_precision} decoder "
+                f"(IoU {worst_kind_mean_iou(p.decoder):.3f})"
+                for p in best
+            ]
+    teacher_rows = []
+    for run in report.runs:
+        if run.teacher:
+            teacher_rows += [
+                [f"{run.target} PyTorch student", kind, _summary_cell(s.mask_iou)] for kind, s in run.teacher.items()
+            ]
+    teacher_rows += [
+        [f"pair {p.name}", kind, _summary_cell(s.teacher_iou_file)]
+        for p in report.pairs
+        for kind, s in (p.decoder or {}).items()
+        if s.teacher_iou_file is not None
+    ]
+    if teacher_rows:
+        lines += ["", f"## Against the teacher ({report.teacher})", ""]
+        lines.append("Mask IoU against SAM on the same photos and prompts: distillation loss (PyTorch student) and")
+        lines.append("distillation plus conversion loss (each pair), side by side.")
+        lines.append("")
+        lines += _table(("model", "prompt kind", "mask IoU vs teacher mean / min / p5"), teacher_rows)
+    lines += ["", "## Per prompt kind", "", *_table(KIND_HEADER, kind_rows(report))]
+    return "\n".join(lines)
