@@ -22,8 +22,8 @@ from pipeline.checkpoints import load_model
 from pipeline.config import RunConfig
 from pipeline.datasets import photos_from_options
 from pipeline.metrics import mask_iou, psnr_db
-from pipeline.predictor import ReferencePredictor
-from pipeline.processing import Prompt, prepare_image, prompt_to_decoder_inputs, upscale_masks
+from pipeline.predictor import ReferencePredictor, Segmenter
+from pipeline.processing import Prompt
 
 
 def main() -> None:
@@ -45,20 +45,21 @@ def main() -> None:
             runners[variant] = target.load_runner(path, decoder.contract)
         reference = ReferencePredictor(sam)
         scores: dict[str, dict[str, list[float]]] = {v: {"psnr": [], "iou": [], "err": []} for v in runners}
+        segmenters = {variant: Segmenter(runner) for variant, runner in runners.items()}
         for image_id in photos.image_ids()[: args.max_images]:
             image = photos.image(image_id)
             embeddings = reference.set_image(image)
-            prepared = prepare_image(image)
+            for segmenter in segmenters.values():
+                segmenter.set_embeddings(reference.prepared, embeddings)
             for full in example_prompts(photos, image_id, image.shape, count=4):
                 for prompt in (full, Prompt(points=full.points, labels=full.labels)):
                     expected = reference.predict(prompt, multimask_output=False)
-                    inputs = prompt_to_decoder_inputs(prompt, prepared.original_size)
-                    for variant, runner in runners.items():
-                        out = runner.run({"image_embeddings": embeddings, **inputs})["low_res_masks"]
-                        logits = upscale_masks(out, prepared.input_size, prepared.original_size)
+                    for variant, segmenter in segmenters.items():
+                        actual = segmenter.predict(prompt, multimask_output=False)
+                        out = actual.low_res_masks
                         scores[variant]["psnr"].append(psnr_db(expected.low_res_masks, out))
                         scores[variant]["err"].append(float(np.sqrt(np.mean((expected.low_res_masks - out) ** 2))))
-                        scores[variant]["iou"].append(mask_iou(expected.mask, logits[expected.selected] > 0))
+                        scores[variant]["iou"].append(mask_iou(expected.mask, actual.mask))
     print(f"weights: {weights.describe()}; {len(scores['all fp16']['iou'])} prompts")
     for variant, values in scores.items():
         print(

@@ -64,3 +64,15 @@ def photos() -> CocoPhotos:
     if not (SHARED_DATASET / "instances.json").is_file():
         pytest.fail(f"real photos missing: {SHARED_DATASET} (expected ../shared/data/coco-cc-train)")
     return CocoPhotos(SHARED_DATASET / "images", SHARED_DATASET / "instances.json")
+
+
+@pytest.fixture(scope="session")
+def coreml_fp32(tmp_path_factory) -> Path:
+    """A real convert output with the defaults a user gets (Core ML fp32, random weights seed 0,
+    the shipped sample photos). Tests that damage it work on a copy."""
+    from mobile_targets.convert import convert_target
+    from pipeline.config import RunConfig
+
+    out = tmp_path_factory.mktemp("coreml_fp32")
+    convert_target("coreml", RunConfig(precisions=("fp32",), out_dir=out))
+    return out

@@ -5,6 +5,7 @@ status, and that nothing earlier is lost. Stages run through their real command-
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -33,7 +34,8 @@ QUICK = ValidationSettings(max_images=1, instances_per_image=1, latency_runs=1, 
 
 def run_stage(stage: str, *argv: object, capsys, monkeypatch) -> tuple[int, str, str]:
     """A stage's CLI in this process (`python -m <stage> ...`): exit status, stdout, stderr."""
-    module = importlib.import_module(f"{stage}.__main__")
+    package = importlib.util.find_spec(stage).submodule_search_locations is not None
+    module = importlib.import_module(f"{stage}.__main__" if package else stage)
     monkeypatch.setattr(sys, "argv", [f"python -m {stage}", *map(str, argv)])
     with pytest.raises(SystemExit) as exit_info:
         run_main(module.main)
@@ -153,14 +155,6 @@ def test_bad_input_is_one_line_and_exit_2(stage, argv, expected, bad_files, tmp_
     assert not out.exists() or not any(out.rglob("*.mlpackage")), "nothing may be written on bad input"
 
 
-@pytest.fixture(scope="module")
-def coreml_fp32(tmp_path_factory) -> Path:
-    """A real convert output (Core ML fp32, random weights, the shipped sample photos)."""
-    out = tmp_path_factory.mktemp("coreml_fp32")
-    convert_target("coreml", RunConfig(precisions=("fp32",), out_dir=out))
-    return out
-
-
 def _copy(folder: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(folder, tmp_path / "out"))
 
@@ -220,7 +214,8 @@ def test_validate_isolates_every_failure(coreml_fp32, tmp_path, capsys, monkeypa
     """Three things broken at once: a Core ML encoder whose weights are NaN (its output is
     non-finite), a TFLite manifest that is not JSON, and an ExecuTorch file that is not a
     program but whose hash matches (the runtime fails). The Core ML decoder is still validated
-    and passes; every failure is one line; all three reports are written; exit status 1."""
+    and passes; the pair fed by the NaN encoder fails; every failure is one line; all three
+    reports are written; exit status 1."""
     out = _copy(coreml_fp32, tmp_path)
     set_coreml_weights(out / "coreml" / "image_encoder_fp32.mlpackage", float("nan"))
     rehash(out / "coreml" / "manifest.json")
@@ -240,7 +235,8 @@ def test_validate_isolates_every_failure(coreml_fp32, tmp_path, capsys, monkeypa
     )
     assert status == 1
     failed = [line for line in stderr.splitlines() if line.startswith("FAILED: ")]
-    assert len(failed) == 3, stderr[-3000:]
+    assert len(failed) == 4, stderr[-3000:]
+    assert "FAILED: pair coreml fp32 encoder + fp32 decoder: output low_res_masks had" in stderr
     report = json.loads((out / "report.json").read_text())
     runs = {run["target"]: run for run in report["runs"]}
     assert "not valid JSON" in runs["tflite"]["error"]
@@ -250,7 +246,7 @@ def test_validate_isolates_every_failure(coreml_fp32, tmp_path, capsys, monkeypa
     encoder, decoder = runs["coreml"]["artifacts"]
     assert encoder["non_finite_outputs"]["image_embeddings"] > 0
     assert "output image_embeddings had" in encoder["gate"]["failures"][0]
-    assert decoder["gate"]["passed"] and decoder["agreement"]["box_point"]["mask_iou"]["min"] > 0.99
+    assert decoder["gate"]["passed"] and decoder["decoder"]["box_point"]["mask_iou"]["min"] > 0.99
     assert (out / "report.md").is_file() and "NOT VALIDATED" in (out / "report.md").read_text()
     assert (out / "report.html").is_file() and "not validated" in (out / "report.html").read_text()
 
@@ -261,8 +257,8 @@ def test_validate_refuses_changed_weights(coreml_fp32, tmp_path):
     other = tmp_path / "other_mobile_sam.pt"
     torch.save(official_state_dict(sam, "vit_t"), other)
     report = validate_run(coreml_fp32, FolderPhotos(SAMPLE_DIR / "validation" / "images"), QUICK, checkpoint=other)
-    (run,) = report["runs"]
-    assert "converted from random weights" in run["error"] and run["artifacts"] == []
+    (run,) = report.runs
+    assert "converted from random weights" in run.error and run.artifacts == [] and report.pairs == []
 
 
 def test_validate_own_photos_without_ground_truth(coreml_fp32, tmp_path, caplog):
@@ -276,13 +272,15 @@ def test_validate_own_photos_without_ground_truth(coreml_fp32, tmp_path, caplog)
         photos = FolderPhotos(folder)
     assert any("skipping" in r.message and "notes.txt" in r.message for r in caplog.records)
     report = validate_run(coreml_fp32, photos, QUICK)
-    assert report["ground_truth"] is False
-    (run,) = report["runs"]
-    assert {case["kind"] for case in run["prompt_cases"]} == {"grid_point", "mask_box", "mask_box_point"}
-    assert all(case["annotation_id"] is None for case in run["prompt_cases"])
-    decoder = next(a for a in run["artifacts"] if a["part"] == "prompt_decoder")
-    assert decoder["gate"]["passed"]
-    assert all(kind["ground_truth_iou"]["pytorch"] is None for kind in decoder["agreement"].values())
+    assert report.ground_truth is False
+    (run,) = report.runs
+    assert {case["kind"] for case in run.prompt_cases} == {"grid_point", "refine", "mask_box", "mask_box_point"}
+    assert all(case["annotation_id"] is None for case in run.prompt_cases)
+    decoder = next(a for a in run.artifacts if a.part == "prompt_decoder")
+    assert decoder.gate.passed
+    assert all(kind.ground_truth_iou_pytorch is None for kind in decoder.decoder.values())
+    (pair,) = report.pairs
+    assert pair.gate.passed
 
 
 def test_clone_without_shared_runs_the_main_job(tmp_path):

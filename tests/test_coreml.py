@@ -19,8 +19,8 @@ from pipeline.contract import decoder_contract, encoder_contract
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.manifest import read_manifest, verify_artifact
 from pipeline.metrics import mask_iou, max_abs_error, psnr_db
-from pipeline.predictor import ReferencePredictor
-from pipeline.processing import prepare_image, prompt_to_decoder_inputs, select_mask_index, upscale_masks
+from pipeline.predictor import ReferencePredictor, Segmenter
+from pipeline.processing import prepare_image
 from validation.gates import DEFAULT_GATES
 
 PRECISIONS = ("fp16", "fp32", "int8", "palettize6")
@@ -85,25 +85,22 @@ def test_packages_agree_with_pytorch_on_real_photos(coreml_run, our_model, photo
     encoder = _runner(coreml_run, "image_encoder", precision)
     decoder = _runner(coreml_run, "prompt_decoder", precision)
     reference = ReferencePredictor(our_model)
+    deployed = Segmenter(decoder, encoder)  # the packages end to end, as an app runs them
     embedding_psnr, embedding_error, logit_psnr, logit_error, ious = [], [], [], [], []
     for image_id in photos.image_ids()[20:22]:
         image = photos.image(image_id)
         expected_embeddings = reference.set_image(image)
-        prepared = prepare_image(image)
-        embeddings = encoder.run({"image": prepared.image})["image_embeddings"]
+        embeddings = deployed.set_image(image)
         embedding_psnr.append(psnr_db(expected_embeddings, embeddings))
         embedding_error.append(max_abs_error(expected_embeddings, embeddings))
         for full in example_prompts(photos, image_id, image.shape):
             point_only = type(full)(points=full.points, labels=full.labels, box=None)
             for prompt in (full, point_only):
                 expected = reference.predict(prompt, multimask_output=False)
-                inputs = prompt_to_decoder_inputs(prompt, prepared.original_size)
-                outputs = decoder.run({"image_embeddings": embeddings, **inputs})
-                logit_psnr.append(psnr_db(expected.low_res_masks, outputs["low_res_masks"]))
-                logit_error.append(max_abs_error(expected.low_res_masks, outputs["low_res_masks"]))
-                logits = upscale_masks(outputs["low_res_masks"], prepared.input_size, prepared.original_size)
-                selected = select_mask_index(outputs["iou_predictions"], multimask_output=False)
-                ious.append(mask_iou(expected.mask, logits[selected] > 0))
+                actual = deployed.predict(prompt, multimask_output=False)
+                logit_psnr.append(psnr_db(expected.low_res_masks, actual.low_res_masks))
+                logit_error.append(max_abs_error(expected.low_res_masks, actual.low_res_masks))
+                ious.append(mask_iou(expected.mask, actual.mask))
     print(
         f"coreml {precision}: embeddings PSNR >= {min(embedding_psnr):.1f} dB, max abs {max(embedding_error):.2e}; "
         f"mask logits PSNR >= {min(logit_psnr):.1f} dB, max abs {max(logit_error):.2e}; "

@@ -14,8 +14,8 @@ from pipeline.contract import decoder_contract, encoder_contract
 from pipeline.errors import ArtifactError
 from pipeline.manifest import read_manifest, verify_artifact
 from pipeline.metrics import mask_iou, psnr_db
-from pipeline.predictor import ReferencePredictor
-from pipeline.processing import prepare_image, prompt_to_decoder_inputs, select_mask_index, upscale_masks
+from pipeline.predictor import ReferencePredictor, Segmenter
+from pipeline.processing import prompt_to_decoder_inputs
 from validation.gates import DEFAULT_GATES
 
 TARGETS = ("executorch", "tflite")
@@ -75,20 +75,15 @@ def _check_agreement(manifest_path, manifest, our_model, photos, precision, min_
     encoder = _load(manifest_path, manifest, "image_encoder", precision)
     decoder = _load(manifest_path, manifest, "prompt_decoder", precision)
     reference = ReferencePredictor(our_model)
+    deployed = Segmenter(decoder, encoder)  # the files end to end, as an app runs them
     ious = []
     for image_id in photos.image_ids()[10:12]:
         image = photos.image(image_id)
         expected_embeddings = reference.set_image(image)
-        prepared = prepare_image(image)
-        embeddings = encoder.run({"image": prepared.image})["image_embeddings"]
-        assert psnr_db(expected_embeddings, embeddings) > min_psnr
+        assert psnr_db(expected_embeddings, deployed.set_image(image)) > min_psnr
         for prompt in example_prompts(photos, image_id, image.shape, count=3):
             expected = reference.predict(prompt, multimask_output=False)
-            inputs = prompt_to_decoder_inputs(prompt, prepared.original_size)
-            outputs = decoder.run({"image_embeddings": embeddings, **inputs})
-            logits = upscale_masks(outputs["low_res_masks"], prepared.input_size, prepared.original_size)
-            selected = select_mask_index(outputs["iou_predictions"], multimask_output=False)
-            ious.append(mask_iou(expected.mask, logits[selected] > 0))
+            ious.append(mask_iou(expected.mask, deployed.predict(prompt, multimask_output=False).mask))
     print(f"{manifest.target} {precision}: mask IoU vs PyTorch min {min(ious):.4f} mean {np.mean(ious):.4f}")
     assert min(ious) >= min_iou
 
@@ -140,3 +135,13 @@ def test_refinement_in_the_runtime_matches_sam_predictor(converted, our_model, p
         outputs = decoder.run({"image_embeddings": embeddings, **inputs})
         assert np.abs(outputs["low_res_masks"][0, :1] - refined).max() < 1e-3
         np.testing.assert_allclose(outputs["iou_predictions"][0, :1], refined_scores, atol=1e-4)
+
+
+def test_every_file_passes_its_self_test_vectors(converted):
+    """The vectors written beside each file pass in the target's own runtime."""
+    from validation.selftest import selftest_folder
+
+    manifest_path, manifest = converted
+    outcomes = selftest_folder(manifest_path.parent.parent)
+    assert len(outcomes) == len(manifest.artifacts)
+    assert all(o.passed for o in outcomes), [o for o in outcomes if not o.passed]

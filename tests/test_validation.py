@@ -3,30 +3,30 @@ reported in one line while the others are still validated."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from mobile_targets.convert import convert_target
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
-from validation.gates import DEFAULT_GATES, gate_failures, gates_from_config
+from validation.gates import DEFAULT_GATES, gate_failures, gates_from_config, looser_gate
 from validation.html_report import write_html
 from validation.prompts import PROMPT_KINDS, most_interior_pixel, prompt_cases
-from validation.run import (
-    ValidationSettings,
-    confident_iou,
-    confident_pixels,
-    failed_artifacts,
-    summary_rows,
-    validate_run,
-)
+from validation.run import TeacherSpec, ValidationSettings, validate_run
+from validation.schema import ArtifactResult, EncoderScores, GateResult, KindScores, Summary, nan_min
+from validation.scoring import confident_iou, confident_pixels
+from validation.text_report import best_pairs_by_budget, summary_markdown, summary_rows
 
 
 def test_prompt_cases_are_inside_the_instance_and_repeatable():
     mask = np.zeros((40, 60), bool)
     mask[10:31, 20:41] = True  # a 21x21 square: its one most interior pixel is the centre
     cases = prompt_cases(1, 7, mask, (20, 10, 21, 21), seed=0)
-    assert [c.kind for c in cases] == list(PROMPT_KINDS)
+    assert [c.kind for c in cases] == [k for k in PROMPT_KINDS if k != "refine"]
+    assert cases[0].refinement().refines == "center_point" and cases[2].refinement() is None
     assert most_interior_pixel(mask) == (30, 20)
     for case in cases:
         for (x, y), label in zip(case.points or [], case.labels or [], strict=True):
@@ -35,58 +35,104 @@ def test_prompt_cases_are_inside_the_instance_and_repeatable():
 
 
 @pytest.fixture(scope="module")
-def validated(tmp_path_factory, official_checkpoint, photos):
+def teacher_checkpoint(tmp_path_factory) -> Path:
+    """A SAM ViT-B teacher in segment-anything's official layout, seeded random weights."""
+    from pipeline.checkpoints import load_model, official_state_dict
+
+    sam, _ = load_model("vit_b", None, 3)
+    path = tmp_path_factory.mktemp("teacher") / "sam_vit_b.pth"
+    torch.save(official_state_dict(sam, "vit_b"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def validated(tmp_path_factory, official_checkpoint, photos, teacher_checkpoint):
     out = tmp_path_factory.mktemp("validate")
     convert_target("tflite", RunConfig(checkpoint=official_checkpoint, precisions=("fp32", "int8"), out_dir=out))
     (out / "tflite" / "prompt_decoder_int8.tflite").write_bytes(b"broken")
     settings = ValidationSettings(max_images=2, instances_per_image=2, latency_runs=3, warmup_runs=1)
     masks: dict = {}
-    report = validate_run(out, photos, settings, None, masks)
+    report = validate_run(out, photos, settings, None, masks, teacher=TeacherSpec(teacher_checkpoint, "vit_b"))
     write_html(report, photos, masks, out / "report.html")
     return report, masks, out
 
 
 def test_report_scores_every_artifact_and_isolates_the_broken_one(validated):
-    validated, masks, out = validated
-    (run,) = validated["runs"]
-    assert not run["random_weights"]
-    by_name = {(a["part"], a["precision"]): a for a in run["artifacts"]}
-    assert "changed since conversion" in by_name[("prompt_decoder", "int8")]["error"]
-    encoder = by_name[("image_encoder", "fp32")]["agreement"]["embeddings"]
-    assert encoder["psnr_db_min"] > 60 and encoder["cosine_min"] > 0.9999
-    decoder = by_name[("prompt_decoder", "fp32")]["agreement"]
+    report, masks, out = validated
+    (run,) = report.runs
+    assert not run.random_weights
+    by_name = {(a.part, a.precision): a for a in run.artifacts}
+    assert "changed since conversion" in by_name[("prompt_decoder", "int8")].error
+    encoder = by_name[("image_encoder", "fp32")].encoder
+    assert encoder.psnr_db_min > 60 and encoder.cosine_min > 0.9999
+    decoder = by_name[("prompt_decoder", "fp32")].decoder
     assert set(decoder) == set(PROMPT_KINDS)
     for kind in PROMPT_KINDS:
-        assert decoder[kind]["mask_iou"]["min"] > 0.99
-        assert decoder[kind]["same_index_rate"] == 1.0
-        assert decoder[kind]["logits_cosine_min"] > 0.9999 and decoder[kind]["iou_predictions_psnr_db_min"] > 60
-        truth = decoder[kind]["ground_truth_iou"]
-        assert 0.0 <= truth["pytorch"]["mean"] <= 1.0
-        assert truth["pytorch"]["mean"] == pytest.approx(truth["artifact"]["mean"], abs=1e-3)
-    assert by_name[("image_encoder", "int8")]["latency"]["median_s"] > 0
-    assert by_name[("image_encoder", "fp32")]["memory"]["peak_rss_mb"] > 0
-    baselines = run["baselines"]
-    assert baselines["onnxruntime"]["image_encoder"]["median_s"] > 0
-    assert baselines["onnxruntime"]["prompt_decoder"]["median_s"] > 0
-    assert 50 < baselines["compute_floor"]["encoder_gflops"] < 100
-    assert len(run["prompt_cases"]) == 2 * 2 * len(PROMPT_KINDS)
-    rows = summary_rows(validated)
+        assert decoder[kind].mask_iou.min > 0.99
+        assert decoder[kind].same_index_rate == 1.0
+        assert decoder[kind].logits_cosine_min > 0.9999 and decoder[kind].iou_predictions_psnr_db_min > 60
+        truth_pytorch, truth_file = decoder[kind].ground_truth_iou_pytorch, decoder[kind].ground_truth_iou_file
+        assert 0.0 <= truth_pytorch.mean <= 1.0
+        assert truth_pytorch.mean == pytest.approx(truth_file.mean, abs=1e-3)
+    assert by_name[("image_encoder", "int8")].latency.median_s > 0
+    assert by_name[("image_encoder", "fp32")].memory.peak_rss_mb > 0
+    baselines = run.baselines
+    assert baselines.onnxruntime["image_encoder"].median_s > 0
+    assert baselines.onnxruntime["prompt_decoder"].median_s > 0
+    assert 50 < baselines.compute_floor.encoder_gflops < 100
+    first_pass = [c for c in run.prompt_cases if c["kind"] != "refine"]
+    assert len(first_pass) == 2 * 2 * 5 and sum(c["kind"] == "refine" for c in run.prompt_cases) == 2 * 2
+    assert all(c["refines"] == "center_point" for c in run.prompt_cases if c["kind"] == "refine")
+    rows = summary_rows(report)
     assert any("ERROR" in row[-1] for row in rows) and len(rows) == 4
-    assert by_name[("prompt_decoder", "fp32")]["gate"] == {"passed": True, "failures": []}
-    (failed,) = failed_artifacts(validated)
-    assert failed.startswith("tflite prompt_decoder int8: ") and "changed since conversion" in failed
+    assert by_name[("prompt_decoder", "fp32")].gate == GateResult(True, ())
+    failed = report.failures()
+    assert failed[0].startswith("tflite prompt_decoder int8: ") and "changed since conversion" in failed[0]
     assert set(masks) == {"tflite pytorch", "tflite prompt_decoder fp32", "tflite prompt_decoder int8"}
     assert all(np.array_equal(masks["tflite pytorch"][i], m) for i, m in masks["tflite prompt_decoder fp32"].items())
     assert masks["tflite prompt_decoder int8"] == {}  # the broken file gave no masks
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "random init, seed" not in page
+    assert page.count("data:image/png;base64,") == 4 and "random init, seed" not in page
+
+
+def test_pairs_run_every_encoder_into_every_decoder(validated):
+    """End to end from the photo: fp32 into fp32 is PyTorch's answer; a pair with the broken
+    decoder is one line; report.json lists every pair naming both files."""
+    report, _, _ = validated
+    pairs = {(p.encoder_precision, p.decoder_precision): p for p in report.pairs}
+    assert set(pairs) == {("fp32", "fp32"), ("fp32", "int8"), ("int8", "fp32"), ("int8", "int8")}
+    exact = pairs["fp32", "fp32"]
+    assert exact.gate.passed and exact.encoder_file.endswith("image_encoder_fp32.tflite")
+    assert all(scores.mask_iou.min >= 0.99 for scores in exact.decoder.values())
+    assert pairs["int8", "fp32"].gate.passed, pairs["int8", "fp32"].gate.failures
+    assert pairs["int8", "int8"].error.startswith("not run:") and not pairs["int8", "int8"].gate.passed
+    assert any(line.startswith("pair tflite int8 encoder + int8 decoder") for line in report.failures())
+    as_json = report.to_json()
+    assert {(p["encoder_file"], p["decoder_file"]) for p in as_json["pairs"]} == {
+        (p.encoder_file, p.decoder_file) for p in report.pairs
+    }
+    markdown = summary_markdown(report)
+    assert "deployed pairs" in markdown and "Best pair under each size budget" in markdown
+    assert [p.bytes for p in best_pairs_by_budget(report, "tflite")] == sorted(
+        p.bytes for p in best_pairs_by_budget(report, "tflite")
+    )
+
+
+def test_teacher_scores_the_student_and_every_pair(validated):
+    report, _, _ = validated
+    (run,) = report.runs
+    assert report.teacher.startswith("SAM vit_b, checkpoint sam_vit_b.pth")
+    assert set(run.teacher) == set(PROMPT_KINDS)
+    exact = next(p for p in report.pairs if p.encoder_precision == p.decoder_precision == "fp32")
+    for kind, scores in exact.decoder.items():
+        # an exact pair loses nothing to conversion: its IoU with the teacher is the student's
+        assert scores.teacher_iou_file.mean == pytest.approx(run.teacher[kind].mask_iou.mean, abs=1e-3)
+        assert 0.0 <= scores.teacher_iou_pytorch.mean <= 1.0
+    assert "Against the teacher" in summary_markdown(report)
 
 
 def test_gates_fail_below_threshold_and_read_overrides():
-    artifact = {
-        "part": "image_encoder",
-        "agreement": {"embeddings": {"psnr_db_min": 30.0}},
-    }
+    artifact = ArtifactResult("coreml", "image_encoder", "int8", "x", 1, encoder=EncoderScores(30.0, 0.1, 0.99, 1))
     assert gate_failures(artifact, DEFAULT_GATES["int8"]) == []
     assert gate_failures(artifact, DEFAULT_GATES["fp16"]) == ["embeddings PSNR 30.0 dB < 40.0"]
     gates = gates_from_config({"int8": {"embeddings_psnr_db": 31.0}})
@@ -95,6 +141,7 @@ def test_gates_fail_below_threshold_and_read_overrides():
     )
     with pytest.raises(ConfigError, match="unknown keys"):
         gates_from_config({"int8": {"psnr": 1.0}})
+    assert looser_gate(DEFAULT_GATES["fp32"], DEFAULT_GATES["int8"]) == DEFAULT_GATES["int8"]
 
 
 def test_confident_iou_ignores_near_zero_logits_and_is_undefined_when_empty():
@@ -109,24 +156,19 @@ def test_confident_iou_ignores_near_zero_logits_and_is_undefined_when_empty():
 
 
 def test_nan_is_a_failure_never_a_value_to_skip():
-    from validation.run import _summary, nan_min
-
-    assert _summary([0.99, None, 1.0])["defined"] == 2
-    assert _summary([None, None]) is None
-    summary = _summary([0.99, float("nan"), 1.0])
-    assert np.isnan(summary["mean"]) and np.isnan(summary["min"])
+    assert Summary.of([0.99, None, 1.0]).defined == 2
+    assert Summary.of([None, None]) is None
+    summary = Summary.of([0.99, float("nan"), 1.0])
+    assert np.isnan(summary.mean) and np.isnan(summary.min)
     assert np.isnan(nan_min([70.0, float("nan")])) and nan_min([70.0, 80.0]) == 70.0
-    decoder = {
-        "part": "prompt_decoder",
-        "non_finite_outputs": {"low_res_masks": 0, "iou_predictions": 0},
-        "agreement": {"box": {"mask_iou": summary, "mask_iou_confident": None}},
-    }
+    scores = KindScores(3, summary, summary, None, 1.0, 70.0, 0.1, 0.99, 70.0, 0.1)
+    decoder = ArtifactResult("coreml", "prompt_decoder", "fp32", "x", 1, decoder={"box": scores})
     assert gate_failures(decoder, DEFAULT_GATES["fp32"]) == [
         "box: mask IoU mean nan < 0.99",
         "box: mask IoU min nan < 0.98",
     ]
-    encoder = {"part": "image_encoder", "non_finite_outputs": {"image_embeddings": 7}}
-    encoder["agreement"] = {"embeddings": {"psnr_db_min": float("nan")}}
+    encoder = ArtifactResult("coreml", "image_encoder", "int8", "x", 1, encoder=EncoderScores(float("nan"), 0, 0, 1))
+    encoder.non_finite_outputs["image_embeddings"] = 7
     assert gate_failures(encoder, DEFAULT_GATES["int8"]) == [
         "output image_embeddings had 7 non-finite values (NaN or Inf)",
         "embeddings PSNR nan dB < 25.0",

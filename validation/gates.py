@@ -46,6 +46,8 @@ def gate_failures(result: ArtifactResult | PairResult, gate: Gate) -> list[str]:
         for name, count in result.non_finite_outputs.items()
         if count
     ]
+    if failures and isinstance(result, PairResult):
+        return failures  # every score of a pair fed NaN embeddings fails too; one reason is enough
     if isinstance(result, ArtifactResult) and result.part == "image_encoder":
         psnr = result.encoder.psnr_db_min
         if not psnr >= gate.embeddings_psnr_db:
