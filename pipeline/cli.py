@@ -26,3 +26,10 @@ def run_main(main: Callable[[], int | None]) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     sys.exit(status or 0)
+
+
+def exit_status(failures: list[str]) -> int:
+    """One `FAILED: <line>` on stderr per failure; status 1 when there is any (2 stays bad input)."""
+    for line in failures:
+        print(f"FAILED: {line}", file=sys.stderr)
+    return 1 if failures else 0

@@ -17,6 +17,10 @@ from pipeline.errors import ConfigError
 from pipeline.model import MODEL_TYPES, STUDENT_TYPE
 
 PRECISIONS = ("fp32", "fp16", "int8", "palettize6")
+DEFAULT_PRECISIONS = ("fp32", "fp16", "int8")
+"""What a convert session makes without --precisions: the variants whose encoder-decoder pairs hold
+their gates end to end. palettize6 is made on request (`--precisions palettize6`): its 6-bit
+encoder (26 dB embeddings) falls under its pair gate (README, "Deployed pairs")."""
 """palettize6 (6-bit palettized weights) exists for Core ML only; other targets skip it."""
 
 
@@ -30,7 +34,7 @@ class RunConfig:
     """Seed of the random weights used without a checkpoint (never the prompts' seed)."""
     num_points: int = DEFAULT_NUM_POINTS
     targets: tuple[str, ...] = ()
-    precisions: tuple[str, ...] = PRECISIONS
+    precisions: tuple[str, ...] = DEFAULT_PRECISIONS
     out_dir: Path = Path("artifacts")
     gates: dict[str, dict[str, float]] = field(default_factory=dict)
     """Validation gate overrides per precision (`[gates.int8]` in TOML); see validation.gates."""

@@ -9,11 +9,10 @@ are written either way.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from mobile_targets import check_target_options
-from pipeline.cli import run_main, setup_logging
+from pipeline.cli import exit_status, run_main, setup_logging
 from pipeline.config import add_run_arguments, config_from_args
 from pipeline.datasets import photos_from_options
 from pipeline.errors import one_line
@@ -79,9 +78,7 @@ def main() -> int:
     except Exception as error:  # the JSON and Markdown reports stand without the page
         failures.append(f"report.html not written: {one_line(error)}")
         print(f"wrote {out / 'report.json'} and {out / 'report.md'}")
-    for line in failures:
-        print(f"FAILED: {line}", file=sys.stderr)
-    return 1 if failures else 0
+    return exit_status(failures)
 
 
 if __name__ == "__main__":

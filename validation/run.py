@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -281,14 +280,3 @@ def validate_run(
         report.pairs += validate_pairs(manifest.target, known, references, gates)
         report.runs.append(run)
     return report
-
-
-def report_summary(report: Report) -> dict[str, Any]:
-    """A few figures for logs: files and pairs validated and failed."""
-    artifacts = [a for run in report.runs for a in run.artifacts]
-    return {
-        "files": len(artifacts),
-        "files_failed": sum(1 for a in artifacts if a.gate and not a.gate.passed),
-        "pairs": len(report.pairs),
-        "pairs_failed": sum(1 for p in report.pairs if p.gate and not p.gate.passed),
-    }

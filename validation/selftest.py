@@ -9,12 +9,11 @@ the check an app's own unit test repeats on the device.
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from mobile_targets import get_target
-from pipeline.cli import run_main, setup_logging
+from pipeline.cli import exit_status, run_main, setup_logging
 from pipeline.contract import contract_for
 from pipeline.errors import PipelineError, one_line
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
@@ -87,9 +86,7 @@ def main() -> int:
         print(f"{'pass' if outcome.passed else 'FAIL'} {outcome.artifact}: {outcome.detail}")
     failed = [o for o in outcomes if not o.passed]
     print(f"selftest: {len(outcomes) - len(failed)} of {len(outcomes)} files met their tolerances")
-    for outcome in failed:
-        print(f"FAILED: {outcome.artifact}: {outcome.detail}", file=sys.stderr)
-    return 1 if failed else 0
+    return exit_status([f"{outcome.artifact}: {outcome.detail}" for outcome in failed])
 
 
 if __name__ == "__main__":
