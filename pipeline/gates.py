@@ -23,8 +23,8 @@ class Gate:
 
 
 def selftest_tolerance(gate: Gate, part: str) -> Tolerance:
-    """The gate as the self-test check: embeddings PSNR for an encoder, the IoU of every low-res
-    mask for a decoder."""
+    """The gate as the self-test check: embeddings PSNR for an encoder, the single-mask output's
+    IoU for a decoder."""
     if part == "image_encoder":
         return Tolerance(min_psnr_db={"image_embeddings": gate.embeddings_psnr_db})
     return Tolerance(min_mask_iou=gate.mask_iou_min)
