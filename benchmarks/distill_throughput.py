@@ -48,7 +48,7 @@ def main() -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     images = torch.randn(args.batch, 3, args.size, args.size, device=device)
 
-    teacher, _ = load_teacher(args.teacher, None, args.size, seed=0)
+    teacher, _, _ = load_teacher(args.teacher, None, args.size, seed=0)
     encoder = teacher.image_encoder.to(device)
 
     def cache_step() -> None:

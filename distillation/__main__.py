@@ -23,7 +23,7 @@ from distillation.teacher_cache import build_teacher_cache, load_teacher_cache
 from distillation.train import init_world, train_student
 from pipeline.checkpoints import save_checkpoint
 from pipeline.cli import run_main, setup_logging
-from pipeline.files import atomic_write_json, sha256_file
+from pipeline.files import atomic_write_json
 
 log = logging.getLogger("distillation")
 
@@ -82,7 +82,7 @@ def main() -> int:
         )
     sources = discover_images(config.images)[: config.max_images]
     train_sources, held_out = split_held_out(sources, config.held_out)
-    teacher, teacher_description = load_teacher(
+    teacher, teacher_description, teacher_sha256 = load_teacher(
         config.teacher_type, config.teacher_checkpoint, config.image_size, config.seed
     )
     cache = None
@@ -125,7 +125,6 @@ def main() -> int:
         report["before"] = evaluate_student(
             student, teacher, held_out, targets, config.image_size, config.eval_prompts_per_image
         )
-    teacher_sha256 = sha256_file(config.teacher_checkpoint) if config.teacher_checkpoint else None
     report["training"] = train_student(
         student, train_sources, targets, config, out, world, teacher_sha256=teacher_sha256
     )

@@ -32,8 +32,11 @@ VIT_SIZES = {
 }
 
 
-def load_teacher(teacher_type: str, checkpoint: Path | None, image_size: int, seed: int) -> tuple[Sam, str]:
-    """The teacher SAM (eval, frozen) and a description of its weights.
+def load_teacher(
+    teacher_type: str, checkpoint: Path | None, image_size: int, seed: int
+) -> tuple[Sam, str, str | None]:
+    """The teacher SAM (eval, frozen), a description of its weights and its checkpoint's sha256
+    (None for a random teacher), hashed once by the loader.
 
     A random teacher at a smaller size is built directly (segment-anything's builder fixes 1024);
     its prompt encoder and mask decoder come from the same seed.
@@ -61,7 +64,7 @@ def load_teacher(teacher_type: str, checkpoint: Path | None, image_size: int, se
     for parameter in sam.parameters():
         parameter.requires_grad_(False)
     description = source.describe() + ("" if checkpoint is not None else f", built at {image_size}")
-    return sam.eval(), description
+    return sam.eval(), description, source.sha256
 
 
 class TimmBackboneStudent(nn.Module):

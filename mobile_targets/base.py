@@ -17,6 +17,7 @@ import torch
 
 from pipeline.contract import PartContract
 from pipeline.errors import ConfigError
+from pipeline.model import ARCHITECTURES, STUDENT_TYPE
 from pipeline.selftest import SelftestCase
 
 
@@ -31,7 +32,7 @@ class PartToConvert:
     """Real-photo inputs for post-training quantization (empty when a precision needs none)."""
     weights_description: str = ""
     """Where the weights came from, for formats that carry metadata (Core ML)."""
-    architecture: str = "MobileSAM (TinyViT-5M image encoder)"
+    architecture: str = ARCHITECTURES[STUDENT_TYPE]
     """The model's real architecture (pipeline.model.describe_architecture), for metadata."""
     selftest: tuple[SelftestCase, ...] = ()
     """Vectors that travel with the file (`<stem>.selftest.npz`): inputs and PyTorch fp32's outputs."""

@@ -17,11 +17,11 @@ from pipeline.errors import ConfigError
 from pipeline.model import MODEL_TYPES, STUDENT_TYPE
 
 PRECISIONS = ("fp32", "fp16", "int8", "palettize6")
+"""palettize6 (6-bit palettized weights) exists for Core ML only; other targets skip it."""
 DEFAULT_PRECISIONS = ("fp32", "fp16", "int8")
 """What a convert session makes without --precisions: the variants whose encoder-decoder pairs hold
 their gates end to end. palettize6 is made on request (`--precisions palettize6`): its 6-bit
-encoder (26 dB embeddings) falls under its pair gate (README, "Deployed pairs")."""
-"""palettize6 (6-bit palettized weights) exists for Core ML only; other targets skip it."""
+encoder falls under its pair gate (README, "Deployed pairs")."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from enum import IntEnum
 from typing import Any
 
+from pipeline.errors import ArtifactError
+
 IMAGE_SIZE = 1024
 """Side of the square encoder input; the longest image side is resized to this."""
 
@@ -167,6 +169,4 @@ def contract_for(part: str, num_points: int = DEFAULT_NUM_POINTS) -> PartContrac
         return encoder_contract()
     if part == "prompt_decoder":
         return decoder_contract(num_points)
-    from pipeline.errors import ArtifactError
-
     raise ArtifactError(f"unknown part {part!r}; expected image_encoder or prompt_decoder")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.errors import ArtifactError
+
 
 def max_abs_error(reference: np.ndarray, test: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(reference, np.float64) - np.asarray(test, np.float64))))
@@ -38,8 +40,6 @@ def count_non_finite(array: np.ndarray) -> int:
 
 def require_finite(array: np.ndarray, what: str) -> None:
     """Raise one line naming `what` when it holds NaN or Inf: no metric may average them away."""
-    from pipeline.errors import ArtifactError
-
     bad = count_non_finite(array)
     if bad:
         raise ArtifactError(f"{what} has {bad} non-finite values (NaN or Inf) out of {np.size(array)}")

@@ -20,6 +20,7 @@ for every prompt but a lone point; the three multimask outputs are covered by th
 
 from __future__ import annotations
 
+import io
 import re
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -81,8 +82,6 @@ def write_vectors(path: Path, cases: list[SelftestCase]) -> None:
             arrays[f"case{index}.input.{name}"] = np.ascontiguousarray(value, dtype=np.float32)
         for name, value in case.expected.items():
             arrays[f"case{index}.expected.{name}"] = np.ascontiguousarray(value, dtype=np.float32)
-    import io
-
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     atomic_write_bytes(Path(path), buffer.getvalue())

@@ -313,3 +313,26 @@ def test_clone_without_shared_runs_the_main_job(tmp_path):
     report = json.loads((clone / "artifacts" / "report.json").read_text())
     assert "pipeline/sample_photos/validation" in report["photos"] and report["ground_truth"]
     assert np.all([a["gate"]["passed"] for run in report["runs"] for a in run["artifacts"]])
+
+
+def test_changed_checkpoint_is_refused_by_sha256(tmp_path):
+    """A manifest converted from a checkpoint: the same file is accepted, a file with other bytes
+    (at the recorded path or passed as --checkpoint) is refused, and a missing one is named."""
+    from pipeline.checkpoints import WeightsSource
+    from validation.reference import reference_weights
+
+    checkpoint = tmp_path / "mobile_sam.pt"
+    checkpoint.write_bytes(b"the weights the files came from")
+    weights = WeightsSource("vit_t", str(checkpoint), sha256_file(checkpoint), None).to_json()
+    manifest = Manifest("coreml", weights, RunConfig().to_json(), {}, ())
+    assert reference_weights(manifest, None) == ("vit_t", checkpoint, 0)
+    other = tmp_path / "retrained.pt"
+    other.write_bytes(b"other weights")
+    with pytest.raises(ArtifactError, match="the weights changed, refusing to score"):
+        reference_weights(manifest, other)
+    checkpoint.write_bytes(b"overwritten in place")
+    with pytest.raises(ArtifactError, match="the weights changed, refusing to score"):
+        reference_weights(manifest, None)
+    checkpoint.unlink()
+    with pytest.raises(ArtifactError, match="is missing; pass --checkpoint PATH"):
+        reference_weights(manifest, None)

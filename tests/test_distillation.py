@@ -109,7 +109,7 @@ def uninterrupted(tmp_path_factory, config_file, shared_cache) -> Path:
 
 def test_teacher_cache_resumes_and_checks_checksums(image_folder, tmp_path):
     sources = discover_images(image_folder)[:10]
-    teacher, description = load_teacher("vit_b", None, IMAGE_SIZE, seed=0)
+    teacher, description, _ = load_teacher("vit_b", None, IMAGE_SIZE, seed=0)
     first = build_teacher_cache(teacher.image_encoder, description, sources, tmp_path, IMAGE_SIZE, shard_size=4)
     assert (first.computed, first.reused) == (10, 0)
     embeddings = load_teacher_cache(tmp_path)

@@ -65,6 +65,11 @@ def time_runs(run: Callable[[], object], settings: ValidationSettings) -> Latenc
     return Latency(statistics.median(seconds), float(np.percentile(seconds, 90)), settings.latency_runs)
 
 
+def timed_reference(references: list[ReferenceImage]) -> ReferenceImage:
+    """The photo latencies are timed on: the first with a prompt (a photo can have no instance)."""
+    return next(reference for reference in references if reference.cases)
+
+
 @dataclass
 class LoadedArtifact:
     """A validated file kept for the pairs: its runner, and for an encoder its embeddings."""
@@ -103,7 +108,7 @@ def validate_artifact(
         runner = get_target(record.target).with_options(options).load_runner(path, contract, threads=settings.threads)
         result.load_s = time.perf_counter() - start
         stage = "running"
-        first = references[0]
+        first = timed_reference(references)
         if record.part == "image_encoder":
             result.encoder, loaded.embeddings = score_encoder(runner, references, result.non_finite_outputs)
             example = {"image": first.prepared.image}
@@ -245,7 +250,9 @@ def validate_run(
                 if not any(ref.cases for ref in references):
                     raise PipelineError(f"no prompts could be made from {photos.describe()}")
                 baselines = (
-                    baseline_latencies(predictor, references[0], settings) if settings.baselines else Baselines()
+                    baseline_latencies(predictor, timed_reference(references), settings)
+                    if settings.baselines
+                    else Baselines()
                 )
                 reference_runs[key] = (source, references, baselines)
         except Exception as error:  # this run's error; the other targets are still validated

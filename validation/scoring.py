@@ -145,7 +145,7 @@ def score_prompts(
 
 def pytorch_against_teacher(references: list[ReferenceImage]) -> dict[str, KindScores] | None:
     """The PyTorch student's masks against the teacher's (the paper's student-vs-teacher mIoU)."""
-    if not references or not references[0].cases or references[0].cases[0].teacher is None:
+    if all(item.teacher is None for reference in references for item in reference.cases):
         return None
     per_kind: dict[str, list[dict[str, float | None]]] = {}
     for reference in references:
