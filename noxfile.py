@@ -1,4 +1,5 @@
-"""Sessions: distill, convert_coreml, convert_executorch, convert_tflite, validate, selftest, tests, lint (see README).
+"""Sessions: distill, convert_coreml, convert_executorch, convert_tflite, validate, selftest, benchmark, tests, lint
+(see README).
 
 Environments are reused and dependencies are installed only when pyproject.toml changes, so a
 second run of any session starts in seconds instead of reinstalling torch.
@@ -109,6 +110,19 @@ def selftest(session: nox.Session) -> None:
     """
     install_project(session, "validate")
     session.run("python", "-m", "validation.selftest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def benchmark(session: nox.Session) -> None:
+    """Latency (1 and 2 threads), memory and size of every file under --out, in ratios to PyTorch
+    eager, ONNX Runtime and the compute floor; decoder latency against N; ExecuTorch per-op profile.
+
+    Options after `--`: --out DIR (default artifacts), --threads 1 2, --runs R, --warmup W,
+    --points 1 5 16 (decoders converted at each N under DIR/benchmark_points; none to skip),
+    --sweep-precisions fp32 int8. Writes DIR/benchmark.json, benchmark.md and benchmark.png.
+    """
+    install_project(session, "validate")
+    session.run("python", "-m", "validation.benchmark", *session.posargs)
 
 
 @nox.session(python=PYTHON)

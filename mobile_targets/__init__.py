@@ -4,9 +4,12 @@ a missing converter package only matters for the target that needs it."""
 from __future__ import annotations
 
 from importlib import import_module
+from pathlib import Path
 
-from mobile_targets.base import Target
+from mobile_targets.base import Runner, Target
+from pipeline.contract import contract_for
 from pipeline.errors import PipelineError
+from pipeline.manifest import ArtifactRecord, Manifest, verify_artifact
 
 TARGET_MODULES = {
     "coreml": "mobile_targets.coreml_target",
@@ -36,3 +39,14 @@ def check_target_options(options: dict[str, object]) -> None:
         raise PipelineError(
             f"target options for unknown targets {unknown}; expected some of {', '.join(TARGET_MODULES)}"
         )
+
+
+def load_artifact_runner(
+    manifest_path: Path, manifest: Manifest, record: ArtifactRecord, threads: int | None
+) -> Runner:
+    """One manifest record's file, checked against its recorded sha256, in its target's runtime
+    with the target options it was converted with."""
+    path = verify_artifact(manifest_path, record)
+    contract = contract_for(record.part, manifest.config["num_points"])
+    options = manifest.config.get("target_options", {}).get(record.target, {})
+    return get_target(record.target).with_options(options).load_runner(path, contract, threads=threads)

@@ -3,7 +3,8 @@
 fp32: litert_torch.convert with the contract's names as keyword inputs and dict outputs, so
 an Android developer sees `image`, `point_coords`, ... and `low_res_masks`, not `args_0`.
 fp16: ai-edge-quantizer weight-only float casting (fp16 weights, fp32 compute).
-int8: ai-edge-quantizer dynamic range (int8 weights, activations quantized on the fly).
+int8: ai-edge-quantizer; fully connected layers compute in int8 with activations quantized on the
+fly, the convolutions keep fp32 compute (`int8_recipe` says which weights are int8 and why).
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from pipeline.contract import PartContract
 from pipeline.errors import ArtifactError, PipelineError
 
 SIGNATURE = "serving_default"
+QUANTIZATION = {
+    "fp32": "none",
+    "fp16": "fp16 weights",
+    "int8": "int8 fully connected (dynamic range) and neck, fp16 small convolutions",
+}
 TFLITE_IDENTIFIER = b"TFL3"
 
 
@@ -40,10 +46,10 @@ class NamedInputsOutputs(torch.nn.Module):
 
 def _quantize(float_model: bytes, precision: str) -> bytes:
     """Post-training quantization of a float .tflite with ai-edge-quantizer."""
-    from ai_edge_quantizer import qtyping, quantizer, recipe, recipe_manager
+    from ai_edge_quantizer import qtyping, quantizer, recipe_manager
 
     if precision == "int8":
-        model_recipe = recipe.dynamic_wi8_afp32()
+        model_recipe = int8_recipe()
     elif precision == "fp16":
         manager = recipe_manager.RecipeManager()
         manager.add_weight_only_config(
@@ -57,6 +63,36 @@ def _quantize(float_model: bytes, precision: str) -> bytes:
         raise PipelineError(f"tflite does not support precision {precision!r}")
     engine = quantizer.Quantizer(float_model, model_recipe)
     return bytes(engine.quantize().quantized_model)
+
+
+def int8_recipe() -> list[dict[str, Any]]:
+    """Int8 weights for the fully connected layers (computed in int8, activations quantized on the
+    fly) and the neck's convolutions; fp16 weights for the other convolutions (later rules win).
+
+    Why: the patch embedding, patch-merging and depthwise convolutions hold few parameters but
+    their int8 weights cost more of the embeddings' accuracy than all the fully connected layers
+    together; the neck's convolutions are the large ones and quantize well. Dynamic range on the
+    convolutions bought no time, so they compute in fp32.
+    """
+    from ai_edge_quantizer import recipe
+
+    (weight_only,) = recipe.weight_only_wi8_afp32()
+    (dynamic,) = recipe.dynamic_wi8_afp32()
+    fp16_weights = {
+        **weight_only,
+        "algorithm_key": "float_casting",
+        "op_config": {
+            **weight_only["op_config"],
+            "weight_tensor_config": {"num_bits": 16, "dtype": "FLOAT", "symmetric": True, "granularity": "TENSORWISE"},
+        },
+    }
+    return [
+        weight_only,
+        {**dynamic, "operation": "FULLY_CONNECTED"},
+        {**fp16_weights, "operation": "CONV_2D"},
+        {**fp16_weights, "operation": "DEPTHWISE_CONV_2D"},
+        {**weight_only, "regex": ".*Sequential_neck.*", "operation": "CONV_2D"},
+    ]
 
 
 def load_interpreter_class() -> Any:
@@ -117,7 +153,7 @@ class TFLiteTarget(Target):
         if precision != "fp32":
             data = _quantize(data, precision)
         path.write_bytes(data)
-        return {"quantization": {"fp32": "none", "fp16": "fp16 weights", "int8": "dynamic range int8"}[precision]}
+        return {"quantization": QUANTIZATION[precision]}
 
     def load_runner(self, path: Path, contract: PartContract, threads: int | None = None) -> Runner:
         return TFLiteRunner(path, contract, threads)

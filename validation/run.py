@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mobile_targets import get_target
+from mobile_targets import get_target, load_artifact_runner
 from pipeline.checkpoints import load_model
-from pipeline.contract import contract_for, decoder_contract, encoder_contract
+from pipeline.contract import decoder_contract, encoder_contract
 from pipeline.datasets import Photos
 from pipeline.errors import PipelineError, one_line
-from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest, verify_artifact
+from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
 from pipeline.predictor import NamedRunner, ReferencePredictor
 from validation.baselines import compute_floor, onnx_runtime_latency, reset_peak_memory, resident_memory_mb
 from validation.gates import DEFAULT_GATES, Gate, gate_failures, looser_gate
@@ -99,13 +99,10 @@ def validate_artifact(
     loaded = LoadedArtifact(record, result)
     stage = "loading"
     try:
-        path = verify_artifact(manifest_path, record)
-        contract = contract_for(record.part, manifest.config["num_points"])
         before = resident_memory_mb()
         memory_resets = reset_peak_memory()
         start = time.perf_counter()
-        options = manifest.config.get("target_options", {}).get(record.target, {})
-        runner = get_target(record.target).with_options(options).load_runner(path, contract, threads=settings.threads)
+        runner = load_artifact_runner(manifest_path, manifest, record, settings.threads)
         result.load_s = time.perf_counter() - start
         stage = "running"
         first = timed_reference(references)

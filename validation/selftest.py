@@ -12,7 +12,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from mobile_targets import get_target
+from mobile_targets import load_artifact_runner
 from pipeline.cli import exit_status, run_main, setup_logging
 from pipeline.contract import contract_for
 from pipeline.errors import PipelineError, one_line
@@ -36,12 +36,7 @@ def selftest_artifact(manifest_path: Path, manifest: Manifest, record: ArtifactR
     try:
         contract = contract_for(record.part, manifest.config["num_points"])
         cases = read_vectors(manifest_path.parent / info["file"], info["cases"], contract)
-        options = manifest.config.get("target_options", {}).get(record.target, {})
-        runner = (
-            get_target(record.target)
-            .with_options(options)
-            .load_runner(manifest_path.parent / record.file, contract, threads=threads)
-        )
+        runner = load_artifact_runner(manifest_path, manifest, record, threads)
         tolerance = Tolerance(**info["tolerance"])
         results = run_vectors(runner, cases, tolerance)
     except Exception as error:  # one file's failure never stops the others

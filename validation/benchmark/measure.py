@@ -1,0 +1,311 @@
+"""The measurements behind `python -m validation.benchmark`: every file, the baselines, the
+compute floor, the decoder's point sweep and the ExecuTorch per-op profile."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mobile_targets import get_target, load_artifact_runner
+from mobile_targets.convert import build_parts, convert_one
+from pipeline.checkpoints import load_model
+from pipeline.config import RunConfig
+from pipeline.contract import contract_for
+from pipeline.datasets import CocoPhotos
+from pipeline.errors import PipelineError, one_line
+from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
+from pipeline.predictor import ReferencePredictor
+from pipeline.selftest import read_vectors
+from validation.baselines import (
+    count_gflops,
+    matmul_gflops,
+    onnx_runtime_latency,
+    reset_peak_memory,
+    resident_memory_mb,
+)
+from validation.benchmark.schema import (
+    ArtifactBenchmark,
+    Baseline,
+    Benchmark,
+    Floor,
+    OpCost,
+    OpProfile,
+    SweepPoint,
+    Timing,
+)
+from validation.reference import reference_weights
+
+log = logging.getLogger(__name__)
+
+SWEEP_FOLDER = "benchmark_points"
+
+
+def time_call(run: Callable[[], object], threads: int, warmup: int, runs: int) -> Timing:
+    for _ in range(warmup):
+        run()
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return Timing(threads, statistics.median(seconds), float(np.percentile(seconds, 90)), runs)
+
+
+def int8_matmul_gops(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """The best int8 GEMM rate torch reaches here (`torch._int_mm`, int32 accumulation)."""
+    torch.set_num_threads(threads)
+    a = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+    b = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+    torch._int_mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch._int_mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def machine_description() -> str:
+    model = ""
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        model = platform.processor()
+    return f"{model or platform.machine()}, {torch.get_num_threads()} cores visible to torch, {platform.system()}"
+
+
+@dataclass(frozen=True)
+class FileUnderTest:
+    manifest_path: Path
+    manifest: Manifest
+    record: ArtifactRecord
+
+    @property
+    def path(self) -> Path:
+        return self.manifest_path.parent / self.record.file
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        """The first self-test case's inputs: a real photo (and prompt) prepared by the contract."""
+        info = self.record.details.get("selftest")
+        if not info:
+            raise PipelineError(f"{self.path} has no self-test vectors to time it on; convert it again")
+        contract = contract_for(self.record.part, self.manifest.config["num_points"])
+        cases = read_vectors(self.manifest_path.parent / info["file"], info["cases"], contract)
+        return cases[0].inputs
+
+
+def files_under(out: Path) -> list[FileUnderTest]:
+    manifests = find_manifests(out)
+    if not manifests:
+        raise PipelineError(f"no manifests under {out}; run a convert session first")
+    files = []
+    for manifest_path in manifests:
+        manifest = read_manifest(manifest_path)
+        files += [FileUnderTest(manifest_path, manifest, record) for record in manifest.artifacts]
+    return files
+
+
+def emulated(target: str) -> str | None:
+    """Why a target's files are not timed here (Core ML runs only emulated off macOS)."""
+    if target == "coreml" and sys.platform != "darwin":
+        return "Core ML runs only on Apple devices; the Linux emulator's time says nothing about them"
+    return None
+
+
+def benchmark_artifact(item: FileUnderTest, threads: list[int], warmup: int, runs: int) -> ArtifactBenchmark:
+    record = item.record
+    runtime = get_target(record.target).runtime_name
+    result = ArtifactBenchmark(record.target, record.part, record.precision, str(item.path), record.bytes, runtime)
+    result.not_timed = emulated(record.target)
+    if result.not_timed:
+        return result
+    try:
+        inputs = item.inputs()
+        for count in sorted(threads, reverse=True):
+            before = resident_memory_mb()
+            resets = reset_peak_memory()
+            runner = load_artifact_runner(item.manifest_path, item.manifest, record, count)
+            result.timings.append(time_call(lambda runner=runner: runner.run(inputs), count, warmup, runs))
+            after = resident_memory_mb()
+            if result.peak_memory_mb is None and before and after and resets:
+                result.peak_memory_mb = after["peak_rss_mb"] - before["rss_mb"]
+            del runner
+    except Exception as error:  # one file's failure is its row
+        result.error = one_line(error)
+    result.timings.sort(key=lambda t: t.threads)
+    return result
+
+
+def reference_for(item: FileUnderTest) -> ReferencePredictor:
+    model_type, checkpoint, seed = reference_weights(item.manifest, None)
+    sam, _ = load_model(model_type, checkpoint, seed)
+    return ReferencePredictor(sam, item.manifest.config["num_points"])
+
+
+def baselines(
+    reference: ReferencePredictor,
+    encoder_inputs: dict[str, np.ndarray],
+    decoder_inputs: dict[str, np.ndarray],
+    threads: list[int],
+    warmup: int,
+    runs: int,
+) -> list[Baseline]:
+    """PyTorch eager and ONNX Runtime fp32 of the same two modules, on the same inputs."""
+    modules = {"image_encoder": reference.encoder_module, "prompt_decoder": reference.decoder_module}
+    feeds = {"image_encoder": encoder_inputs, "prompt_decoder": decoder_inputs}
+    results = {(runtime, part): Baseline(runtime, part) for runtime in ("pytorch", "onnxruntime") for part in modules}
+    for count in threads:
+        torch.set_num_threads(count)
+        for part, module in modules.items():
+            contract = contract_for(part, reference.num_points)
+            args = tuple(torch.from_numpy(feeds[part][name]) for name in contract.input_names)
+            with torch.inference_mode():
+                timing = time_call(lambda module=module, args=args: module(*args), count, warmup, runs)
+            results["pytorch", part].timings.append(timing)
+        onnx_parts = {
+            part: (module, contract_for(part, reference.num_points).input_names,
+                   contract_for(part, reference.num_points).output_names, feeds[part])
+            for part, module in modules.items()
+        }  # fmt: skip
+        timed = onnx_runtime_latency(
+            onnx_parts, count, lambda run, count=count: asdict(time_call(run, count, warmup, runs))
+        )
+        for part, value in timed.items():
+            if "median_s" in value:
+                results["onnxruntime", part].timings.append(Timing(**value))
+            else:
+                results["onnxruntime", part].error = value.get("error", "failed")
+    return list(results.values())
+
+
+def floors(reference: ReferencePredictor, image: np.ndarray, threads: list[int]) -> list[Floor]:
+    gflops = count_gflops(reference.encoder_module, (torch.from_numpy(image),))
+    return [Floor(count, gflops, matmul_gflops(count), int8_matmul_gops(count)) for count in threads]
+
+
+def point_sweep(
+    out: Path, decoders: list[FileUnderTest], points: list[int], threads: int, warmup: int, runs: int
+) -> list[SweepPoint]:
+    """Each decoder's target and precision converted again at every N, and timed; PyTorch too."""
+    if not points or not decoders:
+        return []
+    first = decoders[0]
+    model_type, checkpoint, seed = reference_weights(first.manifest, None)
+    sam, _ = load_model(model_type, checkpoint, seed)
+    torch.set_num_threads(threads)
+    sweep = []
+    for count in points:
+        config = replace(RunConfig(), num_points=count, model_type=model_type)
+        _, decoder = build_parts(config, sam, CocoPhotos.sample("calibration"), 0)
+        with torch.inference_mode():
+            timing = time_call(lambda decoder=decoder: decoder.module(*decoder.example_inputs), threads, warmup, runs)
+        sweep.append(SweepPoint("pytorch", "fp32", count, timing))
+        named = {name: t.numpy() for name, t in zip(decoder.contract.input_names, decoder.example_inputs, strict=True)}
+        for item in decoders:
+            record = item.record
+            runtime = f"{record.target}"
+            path = out / SWEEP_FOLDER / f"N{count}" / record.target / Path(record.file).name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                options = item.manifest.config.get("target_options", {}).get(record.target, {})
+                target = get_target(record.target).with_options(options)
+                if not path.exists():
+                    convert_one(target, decoder, record.precision, path)
+                runner = target.load_runner(path, decoder.contract, threads=threads)
+                timing = time_call(lambda runner=runner, named=named: runner.run(named), threads, warmup, runs)
+                sweep.append(SweepPoint(runtime, record.precision, count, timing))
+            except Exception as error:
+                sweep.append(SweepPoint(runtime, record.precision, count, None, one_line(error)))
+    return sweep
+
+
+KERNEL_INT8 = re.compile(r"\b(QD8|QS8|QU8|QC8W|QC4W|QB4W)\b")
+
+
+def classify_event(name: str, delegated: bool) -> str:
+    if not delegated:
+        return "outside xnnpack"
+    return "xnnpack int8" if KERNEL_INT8.search(name) else "xnnpack fp32"
+
+
+def executorch_profile(item: FileUnderTest, threads: int, runs: int = 3) -> OpProfile:
+    """Per-op time of one `.pte` from its ETDump: XNNPACK's own per-op events inside each
+    delegate call, and every op the program runs outside XNNPACK (portable kernels)."""
+    record = item.record
+    profile = OpProfile(record.target, record.precision, str(item.path), threads, 0.0)
+    try:
+        from executorch.devtools import Inspector
+        from executorch.extension.pybindings.portable_lib import _load_for_executorch, _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(threads)
+        inputs = [torch.from_numpy(x) for x in item.inputs().values()]
+        module = _load_for_executorch(str(item.path), enable_etdump=True)
+        module.forward(inputs)  # warm
+        for _ in range(runs):
+            module.forward(inputs)
+        with tempfile.TemporaryDirectory() as folder:
+            dump = Path(folder) / "run.etdump"
+            module.write_etdump_result_to_file(str(dump))
+            inspector = Inspector(etdump_path=str(dump))
+        costs: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
+        for block in inspector.event_blocks:
+            if block.name != "Execute":
+                continue
+            for event in block.events:
+                if not event.perf_data or event.name in ("Method::execute", "DELEGATE_CALL"):
+                    if event.name == "Method::execute" and event.perf_data:
+                        profile.total_ms = float(np.median(event.perf_data.raw[1:] or event.perf_data.raw))
+                    continue
+                raw = event.perf_data.raw[1:] or event.perf_data.raw  # the first run is the warm-up
+                base = re.sub(r"\s*#\d+$", "", event.name)
+                key = (base, classify_event(event.name, bool(event.is_delegated_op)))
+                costs[key][0] += 1
+                costs[key][1] += float(np.mean(raw))
+        profile.ops = sorted(
+            (OpCost(name, kernel, int(count), ms) for (name, kernel), (count, ms) in costs.items()),
+            key=lambda op: -op.ms,
+        )
+    except Exception as error:
+        profile.error = one_line(error)
+    return profile
+
+
+def run_benchmark(
+    out: Path, threads: list[int], warmup: int, runs: int, points: list[int], sweep_precisions: list[str]
+) -> Benchmark:
+    files = files_under(out)
+    artifacts = [benchmark_artifact(item, threads, warmup, runs) for item in files]
+    encoders = [f for f in files if f.record.part == "image_encoder"]
+    decoders = [f for f in files if f.record.part == "prompt_decoder"]
+    if not encoders or not decoders:
+        raise PipelineError(f"{out} needs at least one encoder and one decoder file to compare with PyTorch")
+    reference = reference_for(encoders[0])
+    encoder_inputs, decoder_inputs = encoders[0].inputs(), decoders[0].inputs()
+    timed_decoders = [f for f in decoders if not emulated(f.record.target) and f.record.precision in sweep_precisions]
+    return Benchmark(
+        machine=machine_description(),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        threads=threads,
+        floors=floors(reference, encoder_inputs["image"], threads),
+        baselines=baselines(reference, encoder_inputs, decoder_inputs, threads, warmup, runs),
+        artifacts=artifacts,
+        sweep=point_sweep(out, timed_decoders, points, max(threads), warmup, runs),
+        profiles=[executorch_profile(f, max(threads)) for f in encoders if f.record.target == "executorch"],
+    )

@@ -1,0 +1,134 @@
+"""The benchmark's typed result: what benchmark.json holds and the Markdown and plot read."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+BENCHMARK_JSON = "benchmark.json"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Warm latency of one callable at one thread count."""
+
+    threads: int
+    median_s: float
+    p90_s: float
+    runs: int
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The encoder's compute floor at one thread count: its FLOPs over the best matmul rates."""
+
+    threads: int
+    encoder_gflops: float
+    fp32_gflops_per_s: float
+    int8_gops_per_s: float
+
+    @property
+    def fp32_floor_s(self) -> float:
+        return self.encoder_gflops / self.fp32_gflops_per_s
+
+    @property
+    def int8_floor_s(self) -> float:
+        return self.encoder_gflops / self.int8_gops_per_s
+
+
+@dataclass
+class Baseline:
+    """PyTorch eager or ONNX Runtime fp32 on one part (or why it could not be timed)."""
+
+    runtime: str
+    part: str
+    timings: list[Timing] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class ArtifactBenchmark:
+    target: str
+    part: str
+    precision: str
+    file: str
+    bytes: int
+    runtime: str
+    timings: list[Timing] = field(default_factory=list)
+    peak_memory_mb: float | None = None
+    """Peak resident memory added by loading and running the file (Linux VmHWM), at 2 threads."""
+    error: str | None = None
+    not_timed: str | None = None
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """The decoder's latency with N points per prompt (a decoder converted at that N)."""
+
+    runtime: str
+    precision: str
+    num_points: int
+    timing: Timing | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class OpCost:
+    name: str
+    kernel: str  # "xnnpack int8", "xnnpack fp32" or "outside xnnpack"
+    count: int
+    ms: float
+
+
+@dataclass
+class OpProfile:
+    target: str
+    precision: str
+    file: str
+    threads: int
+    total_ms: float
+    ops: list[OpCost] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class Benchmark:
+    machine: str
+    created: str
+    threads: list[int]
+    floors: list[Floor]
+    baselines: list[Baseline]
+    artifacts: list[ArtifactBenchmark]
+    sweep: list[SweepPoint]
+    profiles: list[OpProfile]
+
+    def baseline(self, runtime: str, part: str, threads: int) -> Timing | None:
+        for baseline in self.baselines:
+            if baseline.runtime == runtime and baseline.part == part:
+                return next((t for t in baseline.timings if t.threads == threads), None)
+        return None
+
+    def floor(self, threads: int) -> Floor | None:
+        return next((f for f in self.floors if f.threads == threads), None)
+
+    def ratios(self, artifact: ArtifactBenchmark, timing: Timing) -> dict[str, float]:
+        """The file's median over each comparison's (below 1: faster than it)."""
+        ratios = {}
+        for runtime in ("pytorch", "onnxruntime"):
+            other = self.baseline(runtime, artifact.part, timing.threads)
+            if other is not None:
+                ratios[f"vs_{runtime}"] = timing.median_s / other.median_s
+        floor = self.floor(timing.threads)
+        if floor is not None and artifact.part == "image_encoder":
+            ratios["vs_fp32_floor"] = timing.median_s / floor.fp32_floor_s
+            ratios["vs_int8_floor"] = timing.median_s / floor.int8_floor_s
+        return ratios
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["floors"] = [
+            {**asdict(f), "fp32_floor_s": f.fp32_floor_s, "int8_floor_s": f.int8_floor_s} for f in self.floors
+        ]
+        for entry, artifact in zip(data["artifacts"], self.artifacts, strict=True):
+            for timing_json, timing in zip(entry["timings"], artifact.timings, strict=True):
+                timing_json.update(self.ratios(artifact, timing))
+        return data
