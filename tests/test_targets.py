@@ -4,6 +4,8 @@ photos, and reject broken files with one line."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -145,3 +147,39 @@ def test_every_file_passes_its_self_test_vectors(converted):
     outcomes = selftest_folder(manifest_path.parent.parent)
     assert len(outcomes) == len(manifest.artifacts)
     assert all(o.passed for o in outcomes), [o for o in outcomes if not o.passed]
+
+
+def test_benchmark_times_every_file_in_ratios(converted):
+    """The benchmark session's measurements on real files: every file timed, floors and baselines
+    measured, ratios written, the point sweep converting decoders at another N, and for
+    ExecuTorch a per-op profile whose ops add up to no more than the whole call."""
+    from validation.benchmark.measure import run_benchmark
+    from validation.benchmark.report import write_benchmark
+
+    manifest_path, manifest = converted
+    out = manifest_path.parent.parent
+    sweep = [3] if manifest.target == "executorch" else []
+    result = run_benchmark(out, threads=[1], warmup=0, runs=1, points=sweep, sweep_precisions=["fp32"])
+    assert {(a.part, a.precision) for a in result.artifacts} == {(a.part, a.precision) for a in manifest.artifacts}
+    for artifact in result.artifacts:
+        assert artifact.error is None and len(artifact.timings) == 1 and artifact.timings[0].median_s > 0
+    floor = result.floor(1)
+    assert floor is not None and floor.fp32_floor_s > 0 and floor.int8_floor_s > 0
+    assert result.baseline("pytorch", "image_encoder", 1) is not None
+    data = result.to_json()
+    encoder_rows = [a for a in data["artifacts"] if a["part"] == "image_encoder"]
+    assert all(row["timings"][0]["vs_fp32_floor"] > 0 and row["timings"][0]["vs_pytorch"] > 0 for row in encoder_rows)
+    if manifest.target == "executorch":
+        assert {(p.runtime, p.num_points) for p in result.sweep if p.timing} == {("pytorch", 3), ("executorch", 3)}
+        assert len(result.profiles) == 2
+        for profile in result.profiles:
+            assert profile.error is None and profile.total_ms > 0
+            kernels = {op.kernel for op in profile.ops}
+            assert "xnnpack fp32" in kernels
+            assert sum(op.ms for op in profile.ops) <= 1.05 * profile.total_ms  # nothing counted twice
+        int8 = next(p for p in result.profiles if p.precision == "int8")
+        assert "xnnpack int8" in {op.kernel for op in int8.ops}
+    written = write_benchmark(result, out)
+    assert [p.name for p in written] == ["benchmark.json", "benchmark.md", "benchmark.png"]
+    text = written[1].read_text()
+    assert all(Path(a.file).name in text for a in result.artifacts)

@@ -236,6 +236,9 @@ def point_sweep(
     return sweep
 
 
+FRAME_EVENTS = ("Method::execute", "DELEGATE_CALL", "OPERATOR_CALL")
+"""ETDump events that enclose others (the whole call, a delegate call, a kernel call's frame
+around its `native_call_*` event); counting them too would count the same time twice."""
 KERNEL_INT8 = re.compile(r"\b(QD8|QS8|QU8|QC8W|QC4W|QB4W)\b")
 
 
@@ -269,9 +272,9 @@ def executorch_profile(item: FileUnderTest, threads: int, runs: int = 3) -> OpPr
             if block.name != "Execute":
                 continue
             for event in block.events:
-                if not event.perf_data or event.name in ("Method::execute", "DELEGATE_CALL"):
-                    if event.name == "Method::execute" and event.perf_data:
-                        profile.total_ms = float(np.median(event.perf_data.raw[1:] or event.perf_data.raw))
+                if event.name == "Method::execute" and event.perf_data:
+                    profile.total_ms = float(np.median(event.perf_data.raw[1:] or event.perf_data.raw))
+                if not event.perf_data or event.name in FRAME_EVENTS:
                     continue
                 raw = event.perf_data.raw[1:] or event.perf_data.raw  # the first run is the warm-up
                 base = re.sub(r"\s*#\d+$", "", event.name)
