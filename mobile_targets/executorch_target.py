@@ -23,87 +23,61 @@ PTE_IDENTIFIER_OFFSET = 4
 PTE_IDENTIFIER_PREFIX = b"ET"
 
 
-INT8_SCHEME = {"image_encoder": "dynamic", "prompt_decoder": "dynamic"}
-"""How each part is quantized to int8. Both use XNNPACK's dynamically quantized linear layers:
-int8 per-channel weights, activations quantized per row at run time (XNNPACK's QD8 kernels), so
-every row keeps its own scale. Static per-tensor int8 activations were tried first and lost too
-much: the decoder's mask logits fell apart and the encoder's embeddings moved the deployed pair's
-masks below the int8 gate (README, "ExecuTorch target", has the figures)."""
-
-INT8_CONVOLUTIONS = ".neck."
-"""Only convolutions inside this module path are quantized; the others keep fp32 weights."""
-
-
-def keep_small_convolutions_fp32(graph: torch.fx.GraphModule) -> int:
-    """Drop the int8 annotation of every convolution outside the encoder's neck.
-
-    Why: the patch embedding and the patch-merging convolutions hold few parameters but their
-    int8 weights cost more of the embeddings' accuracy than all the linear layers together; the
-    neck's 3x3 convolution is the one large convolution and quantizes well. XNNPACK's quantizer
-    has no per-module opt-out in dynamic mode (`set_module_name(name, None)` is refused), so the
-    annotation is removed after `annotate`. Returns how many convolutions were kept fp32.
-    """
-    kept = 0
-    for node in graph.graph.nodes:
-        if node.op != "call_function" or "conv" not in str(node.target):
-            continue
-        if "quantization_annotation" not in node.meta:
-            continue
-        stack = list(node.meta.get("nn_module_stack", {}).values())
-        owner = stack[-1][0] if stack else ""
-        if INT8_CONVOLUTIONS not in owner:
-            del node.meta["quantization_annotation"]
-            kept += 1
-    return kept
+INT8_SCHEME = "dynamic"
+"""Both parts use XNNPACK's dynamically quantized linear layers: int8 per-channel weights,
+activations quantized per row at run time (XNNPACK's QD8 kernels), so every row keeps its own
+scale. Static per-tensor int8 activations (calibrated on real photos) were tried first and lost
+too much: the decoder's mask logits fell apart and the encoder's embeddings moved the deployed
+pair's masks below the int8 gate (README, "ExecuTorch target", has the figures)."""
 
 
 def _quantize_int8(part: PartToConvert) -> torch.nn.Module:
-    """PT2E int8 for XNNPACK: static with real-photo calibration, or dynamic (INT8_SCHEME)."""
+    """PT2E dynamic int8 for XNNPACK on the linear layers (`int8_layers_only_linear` says why)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    class Int8Quantizer(XNNPACKQuantizer):
-        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-            model = super().annotate(model)
-            keep_small_convolutions_fp32(model)
-            return model
-
-    dynamic = INT8_SCHEME[part.name] == "dynamic"
-    if not dynamic and not part.calibration:
-        raise PipelineError(f"int8 {part.name} needs calibration inputs from real photos; none were given")
     graph = torch.export.export(part.module, part.example_inputs, strict=True).module()
-    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
-    prepared = prepare_pt2e(graph, Int8Quantizer().set_global(config))
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
+    prepared = prepare_pt2e(graph, int8_layers_only_linear(XNNPACKQuantizer(), config))
     with torch.no_grad():
-        for inputs in (part.example_inputs,) if dynamic else part.calibration:
-            prepared(*inputs)
+        prepared(*part.example_inputs)
     return convert_pt2e(prepared)
 
 
-def xnnpack_partitioners(precision: str, part_name: str) -> list[Any]:
-    """XNNPACK's partitioners; for int8, the dynamic-quantization one first where the part uses
-    it, and no constant-pad support.
+def int8_layers_only_linear(quantizer: Any, config: Any) -> Any:
+    """Quantize the linear layers (most of the FLOPs and weights); convolutions keep fp32.
 
-    Why: TinyViT pads windows (F.pad) on int8 tensors, and XNNPACK in ExecuTorch 1.5.1 accepts
-    the pad at partition time but fails to compile it ("Failed to create StaticConstantPad
-    node ... xnn_status_invalid_parameter"), so the program does not load. Left to the
-    portable kernels the pads run, at the cost of splitting the delegate into more segments.
+    Why: int8 weights on the patch embedding and patch-merging convolutions cost more of the
+    embeddings' accuracy than all the linear layers together, and a dynamically quantized
+    convolution cannot share a delegate partition with fp32 ops (XNNPACK's channels-last pass
+    fails: "required rank 4 tensor to use channels_last format"), so each one, and every op
+    around it, became its own partition with NCHW/NHWC transposes in and out: the int8 encoder
+    came out slower than the fp32 one.
     """
-    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS, ConstantPadConfig
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-        XnnpackDynamicallyQuantizedPartitioner,
-        XnnpackPartitioner,
-    )
+    return quantizer.set_module_type(torch.nn.Linear, config)
+
+
+def xnnpack_partitioners(precision: str) -> list[Any]:
+    """XNNPACK's partitioner; for int8, first one that takes each quantized linear layer
+    alone (with its run-time quantization), then the fp32 partitioner for everything between.
+
+    Why the linear-only first pass: XNNPACK's own XnnpackDynamicallyQuantizedPartitioner works op
+    by op with every op config, so it also claimed the fp32 convolutions and GELUs one by one and
+    cut the encoder into 140 delegate calls joined by layout transposes.
+    """
+    from executorch.backends.xnnpack.partition.config.gemm_configs import LinearConfig
+    from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
     if precision != "int8":
         return [XnnpackPartitioner()]
-    without_pad = XnnpackPartitioner(configs=[c for c in ALL_PARTITIONER_CONFIGS if c is not ConstantPadConfig])
-    if INT8_SCHEME[part_name] == "dynamic":
-        return [XnnpackDynamicallyQuantizedPartitioner(), without_pad]
-    return [without_pad]
+    linear_alone = XnnpackPartitioner(
+        configs=[LinearConfig], config_precisions=ConfigPrecisionType.DYNAMIC_QUANT, per_op_mode=True
+    )
+    return [linear_alone, XnnpackPartitioner()]
 
 
 class ExecuTorchRunner(Runner):
@@ -160,13 +134,13 @@ class ExecuTorchTarget(Target):
             raise PipelineError(f"executorch does not support precision {precision!r}")
         with torch.no_grad():
             program = torch.export.export(module, part.example_inputs, strict=precision != "int8")
-        lowered = to_edge_transform_and_lower(program, partitioner=xnnpack_partitioners(precision, part.name))
+        lowered = to_edge_transform_and_lower(program, partitioner=xnnpack_partitioners(precision))
         executorch_program = lowered.to_executorch()
         path.write_bytes(executorch_program.buffer)
         delegated, total = _delegation_summary(lowered)
         details: dict[str, Any] = {"xnnpack_delegated_nodes": delegated, "edge_nodes": total}
         if precision == "int8":
-            details["int8_scheme"] = INT8_SCHEME[part.name]
+            details["int8_scheme"] = f"{INT8_SCHEME} int8 linear layers, fp32 convolutions"
         return details
 
     def load_runner(self, path: Path, contract: PartContract, threads: int | None = None) -> Runner:

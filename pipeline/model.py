@@ -72,19 +72,41 @@ def _make_attention_export_friendly(encoder: TinyVit) -> None:
     1. Gather the relative-position biases on every call. In eval mode timm caches them in a
        dict: the cache goes stale when weights change later (load_state_dict, a distillation
        step then eval), and torch.export reports filling it as a side effect and freezes it.
-    2. Explicit attention (softmax(q k^T + bias) v) instead of F.scaled_dot_product_attention.
-       With a float mask, SDPA decomposes into logical_not/any/where ops that stay outside
-       XNNPACK after int8 quantization, and ExecuTorch 1.5.1 then fails to load the program
-       ("Failed to load method forward, error: 0x:1"). It is also upstream MobileSAM's order.
+    2. Explicit attention (softmax(q k^T + bias) v) instead of F.scaled_dot_product_attention,
+       as 3-D batched matmuls over (windows x heads) with q, k, v sliced out of one tensor
+       (`_attention_as_bmm`). With a float mask, SDPA decomposes into logical_not/any/where ops
+       that stay outside XNNPACK after int8 quantization, and ExecuTorch 1.5.1 then fails to load
+       the program ("Failed to load method forward, error: 0x:1"); timm's own explicit path
+       (4-D `@` after a split) exports as expand_copy and split_with_sizes_copy kernels, which
+       XNNPACK does not take, so every attention block left the delegate four times. It is also
+       upstream MobileSAM's order of operations.
     """
     for module in encoder.modules():
         if isinstance(module, TinyVitAttention):
             module.get_attention_biases = types.MethodType(_gather_attention_biases, module)
+            module.forward = types.MethodType(_attention_as_bmm, module)
             module.fused_attn = False
 
 
 def _gather_attention_biases(self: TinyVitAttention, device: torch.device) -> torch.Tensor:
     return self.attention_biases[:, self.attention_bias_idxs]
+
+
+def _attention_as_bmm(self: TinyVitAttention, x: torch.Tensor) -> torch.Tensor:
+    """timm's TinyVit attention, the same arithmetic, with (windows x heads) folded into one
+    batch dimension so both matmuls are `bmm` and q, k, v are slices (no expand, no split)."""
+    attention_bias = self.get_attention_biases(x.device)
+    windows, tokens, _ = x.shape
+    heads = self.num_heads
+    qkv = self.qkv(self.norm(x)).view(windows, tokens, heads, -1).permute(0, 2, 1, 3)
+    qkv = qkv.reshape(windows * heads, tokens, -1)
+    q = qkv[:, :, : self.key_dim] * self.scale
+    k = qkv[:, :, self.key_dim : 2 * self.key_dim]
+    v = qkv[:, :, 2 * self.key_dim :]
+    attention = torch.bmm(q, k.transpose(1, 2)).view(windows, heads, tokens, tokens) + attention_bias
+    attention = attention.softmax(dim=-1).view(windows * heads, tokens, tokens)
+    x = torch.bmm(attention, v).view(windows, heads, tokens, self.val_dim).transpose(1, 2)
+    return self.proj(x.reshape(windows, tokens, self.out_dim))
 
 
 def build_mobile_sam() -> Sam:
