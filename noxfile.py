@@ -75,7 +75,7 @@ def convert_executorch(session: nox.Session) -> None:
     """Encoder and prompt decoder to `.pte` (XNNPACK), fp32 and int8, plus a manifest.
 
     Options after `--`: --config FILE, --checkpoint PATH, --out DIR, --num-points N,
-    --precisions fp32 int8, --weights-seed S, --calibration-images K, --images DIR [--annotations FILE].
+    --precisions fp32 int8, --weights-seed S, --images DIR [--annotations FILE].
     """
     install_project(session, "executorch")
     session.run("python", "-m", "mobile_targets", "executorch", *session.posargs)

@@ -32,9 +32,7 @@ VIT_SIZES = {
 }
 
 
-def load_teacher(
-    teacher_type: str, checkpoint: Path | None, image_size: int, seed: int
-) -> tuple[Sam, str, str | None]:
+def load_teacher(teacher_type: str, checkpoint: Path | None, image_size: int, seed: int) -> tuple[Sam, str, str | None]:
     """The teacher SAM (eval, frozen), a description of its weights and its checkpoint's sha256
     (None for a random teacher), hashed once by the loader.
 

@@ -26,12 +26,9 @@ def main() -> int:
     add_run_arguments(parser)
     parser.add_argument("--precisions", nargs="+", help="subset of the config's precisions")
     parser.add_argument(
-        "--calibration-images", type=non_negative, default=8, help="real photos for int8 calibration (default 8)"
-    )
-    parser.add_argument(
         "--images",
         type=Path,
-        help="photos for the example and calibration (default: the calibration photos in pipeline/sample_photos)",
+        help="photos for the example and the self-test vectors (default: pipeline/sample_photos/calibration)",
     )
     parser.add_argument("--annotations", type=Path, help="COCO instances file for --images (prompts from instances)")
     args = parser.parse_args()
@@ -40,7 +37,7 @@ def main() -> int:
     if args.precisions:
         config = replace(config, precisions=tuple(args.precisions))
     photos = photos_from_options(args.images, args.annotations, default="calibration")
-    convert_target(args.target, config, calibration_images=args.calibration_images, photos=photos)
+    convert_target(args.target, config, photos=photos)
     return 0
 
 

@@ -28,7 +28,6 @@ class PartToConvert:
     module: torch.nn.Module
     contract: PartContract
     example_inputs: tuple[torch.Tensor, ...]
-    calibration: tuple[tuple[torch.Tensor, ...], ...] = ()
     """Real-photo inputs for post-training quantization (empty when a precision needs none)."""
     weights_description: str = ""
     """Where the weights came from, for formats that carry metadata (Core ML)."""
@@ -67,8 +66,6 @@ class Target(ABC):
     extension: str
     precisions: tuple[str, ...]
     runtime_name: str
-    calibrated_precisions: tuple[str, ...] = ()
-    """Precisions whose conversion needs real-photo calibration inputs."""
 
     @abstractmethod
     def convert_part(self, part: PartToConvert, precision: str, path: Path) -> dict[str, Any]:

@@ -79,35 +79,26 @@ def example_prompts(photos: Photos, image_id: int, image_shape: tuple[int, ...],
     return prompts
 
 
-def build_parts(
-    config: RunConfig, sam: torch.nn.Module, photos: Photos, calibration_images: int
-) -> list[PartToConvert]:
-    """Both export wrappers with example inputs and self-test vectors (first photo) and
-    calibration inputs (next photos), each photo encoded once by the PyTorch reference."""
+def build_parts(config: RunConfig, sam: torch.nn.Module, photos: Photos) -> list[PartToConvert]:
+    """Both export wrappers with example inputs and self-test vectors from the first photo,
+    encoded once by the PyTorch reference."""
     reference = ReferencePredictor(sam, config.num_points)
     contract = decoder_contract(config.num_points)
-    encoder_inputs: list[tuple[torch.Tensor, ...]] = []
-    decoder_inputs: list[tuple[torch.Tensor, ...]] = []
-    selftest: tuple[tuple[SelftestCase, ...], tuple[SelftestCase, ...]] = ((), ())
-    for index, image_id in enumerate(photos.image_ids()[: 1 + calibration_images]):
-        image = photos.image(image_id)
-        reference.set_image(image)
-        encoder_inputs.append((torch.from_numpy(reference.prepared.image),))
-        prompts = example_prompts(photos, image_id, image.shape)
-        for prompt in prompts:
-            named = reference.decoder_inputs(prompt)
-            decoder_inputs.append(tuple(torch.from_numpy(named[n]) for n in contract.input_names))
-        if index == 0:
-            selftest = selftest_cases(reference, prompts[0])
+    image_id = photos.image_ids()[0]
+    image = photos.image(image_id)
+    reference.set_image(image)
+    prompts = example_prompts(photos, image_id, image.shape)
+    named = reference.decoder_inputs(prompts[0])
+    encoder_selftest, decoder_selftest = selftest_cases(reference, prompts[0])
     architecture = describe_architecture(config.model_type)
     return [
         PartToConvert(
-            reference.encoder_module, encoder_contract(), encoder_inputs[0], tuple(encoder_inputs[1:]),
-            architecture=architecture, selftest=selftest[0],
+            reference.encoder_module, encoder_contract(), (torch.from_numpy(reference.prepared.image),),
+            architecture=architecture, selftest=encoder_selftest,
         ),
         PartToConvert(
-            reference.decoder_module, contract, decoder_inputs[0], tuple(decoder_inputs[1:]),
-            architecture=architecture, selftest=selftest[1],
+            reference.decoder_module, contract, tuple(torch.from_numpy(named[n]) for n in contract.input_names),
+            architecture=architecture, selftest=decoder_selftest,
         ),
     ]  # fmt: skip
 
@@ -284,9 +275,7 @@ class ManifestKeeper:
         return self.manifest.write(self.out)
 
 
-def convert_target(
-    target_name: str, config: RunConfig, calibration_images: int = 8, photos: Photos | None = None
-) -> Path:
+def convert_target(target_name: str, config: RunConfig, photos: Photos | None = None) -> Path:
     """Convert both parts in every precision the target supports; returns the manifest path.
 
     A conversion that fails is one line in the log and in the manifest's `failures`; the others
@@ -301,8 +290,7 @@ def convert_target(
         )
     sam, weights = load_model(config.model_type, config.checkpoint, config.weights_seed)
     photos = photos or CocoPhotos.sample("calibration")
-    needs_calibration = any(p in target.calibrated_precisions for p in precisions)
-    parts = build_parts(config, sam, photos, calibration_images if needs_calibration else 0)
+    parts = build_parts(config, sam, photos)
     parts = [replace(part, weights_description=weights.describe()) for part in parts]
     out = Path(config.out_dir) / target.name
     keeper = ManifestKeeper(out, target, weights, config)

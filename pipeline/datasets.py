@@ -1,7 +1,7 @@
 """Real photos: the sample shipped in `pipeline/sample_photos`, any COCO set, or a plain folder.
 
 The sample makes every stage run on a fresh clone: its `calibration` split gives the convert
-stage's example and int8 calibration photos, its `validation` split (held out) the validate
+stage's example photo (and self-test vectors), its `validation` split (held out) the validate
 stage's photos. Larger sets are options (`--images DIR [--annotations FILE]`).
 """
 

@@ -150,7 +150,7 @@ def test_image_type_encoder(official_checkpoint, photos, tmp_path):
     from pipeline.checkpoints import load_model
 
     sam, _ = load_model("vit_t", official_checkpoint)
-    encoder_part = build_parts(RunConfig(), sam, photos, 0)[0]
+    encoder_part = build_parts(RunConfig(), sam, photos)[0]
     target = get_target("coreml").with_options({"encoder_input": "image"})
     path = tmp_path / "image_encoder_fp16.mlpackage"
     details = target.convert_part(encoder_part, "fp16", path)

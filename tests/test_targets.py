@@ -42,7 +42,7 @@ def converted(request, tmp_path_factory, official_checkpoint):
     config = RunConfig(
         checkpoint=official_checkpoint, precisions=target.precisions, out_dir=tmp_path_factory.mktemp("artifacts")
     )
-    manifest_path = convert_target(request.param, config, calibration_images=2)
+    manifest_path = convert_target(request.param, config)
     return manifest_path, read_manifest(manifest_path)
 
 

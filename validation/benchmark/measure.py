@@ -213,7 +213,7 @@ def point_sweep(
     sweep = []
     for count in points:
         config = replace(RunConfig(), num_points=count, model_type=model_type)
-        _, decoder = build_parts(config, sam, CocoPhotos.sample("calibration"), 0)
+        _, decoder = build_parts(config, sam, CocoPhotos.sample("calibration"))
         with torch.inference_mode():
             timing = time_call(lambda decoder=decoder: decoder.module(*decoder.example_inputs), threads, warmup, runs)
         sweep.append(SweepPoint("pytorch", "fp32", count, timing))
