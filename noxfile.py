@@ -1,5 +1,5 @@
-"""Sessions: distill, convert_coreml, convert_executorch, convert_tflite, validate, selftest, benchmark, tests, lint
-(see README).
+"""Sessions: distill, convert_coreml, convert_executorch, convert_executorch_coreml, convert_tflite, validate,
+selftest, benchmark, tests, lint (see README).
 
 Environments are reused and dependencies are installed only when pyproject.toml changes, so a
 second run of any session starts in seconds instead of reinstalling torch.
@@ -79,6 +79,18 @@ def convert_executorch(session: nox.Session) -> None:
     """
     install_project(session, "executorch")
     session.run("python", "-m", "mobile_targets", "executorch", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def convert_executorch_coreml(session: nox.Session) -> None:
+    """Encoder and prompt decoder to `.pte` lowered whole to ExecuTorch's Core ML delegate (the
+    way ExecuTorch apps reach the Neural Engine), fp32 and fp16, plus a manifest.
+
+    Off Apple platforms each file is checked by running its Core ML payload in the MIL emulator.
+    Options after `--`: as convert_executorch.
+    """
+    install_project(session, "executorch")
+    session.run("python", "-m", "mobile_targets", "executorch_coreml", *session.posargs)
 
 
 @nox.session(python=PYTHON)

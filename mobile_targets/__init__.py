@@ -14,6 +14,7 @@ from pipeline.manifest import ArtifactRecord, Manifest, verify_artifact
 TARGET_MODULES = {
     "coreml": "mobile_targets.coreml_target",
     "executorch": "mobile_targets.executorch_target",
+    "executorch_coreml": "mobile_targets.executorch_coreml_target",
     "tflite": "mobile_targets.tflite_target",
 }
 

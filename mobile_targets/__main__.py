@@ -13,13 +13,6 @@ from pipeline.config import add_run_arguments, config_from_args
 from pipeline.datasets import photos_from_options
 
 
-def non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m mobile_targets", description=__doc__)
     parser.add_argument("target", choices=target_names())

@@ -85,6 +85,10 @@ class Target(ABC):
         """PyPI packages whose versions go into the manifest."""
         return ()
 
+    def emulation_note(self) -> str | None:
+        """Why this machine's latency of the target's files means nothing (they run emulated), or None."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {
             "target": self.name,

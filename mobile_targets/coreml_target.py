@@ -380,6 +380,11 @@ class CoreMLTarget(Target):
     def tool_packages(self) -> tuple[str, ...]:
         return ("coremltools",)
 
+    def emulation_note(self) -> str | None:
+        if sys.platform == "darwin":  # pragma: no cover - needs macOS
+            return None
+        return "Core ML runs only on Apple devices; the Linux emulator's time says nothing about them"
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "options": self.options.__dict__}
 

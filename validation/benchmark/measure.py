@@ -7,7 +7,6 @@ import logging
 import platform
 import re
 import statistics
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -124,9 +123,7 @@ def files_under(out: Path) -> list[FileUnderTest]:
 
 def emulated(target: str) -> str | None:
     """Why a target's files are not timed here (Core ML runs only emulated off macOS)."""
-    if target == "coreml" and sys.platform != "darwin":
-        return "Core ML runs only on Apple devices; the Linux emulator's time says nothing about them"
-    return None
+    return get_target(target).emulation_note()
 
 
 def benchmark_artifact(item: FileUnderTest, threads: list[int], warmup: int, runs: int) -> ArtifactBenchmark:
