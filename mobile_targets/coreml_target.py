@@ -264,13 +264,23 @@ def _check_inputs(path: Path, found: list[str], contract: PartContract) -> None:
 class EmulatedCoreMLRunner(Runner):
     """The package's MIL program in the torch emulator (fp16 rounding where the program says fp16)."""
 
-    def __init__(self, path: Path, contract: PartContract, threads: int | None = None, mode: str = "fp16") -> None:
+    def __init__(
+        self,
+        path: Path,
+        contract: PartContract,
+        threads: int | None = None,
+        mode: str = "fp16",
+        output_names: list[str] | None = None,
+    ) -> None:
+        """`output_names`: the program's names for the contract's outputs, in order, where they
+        differ (a Core ML payload inside a `.pte` names them after ExecuTorch's graph nodes)."""
         from mobile_targets.coreml_emulator import MilProgram
 
         super().__init__(path, contract)
         self.program = MilProgram(self.path)
         self.mode = mode
         self.threads = threads
+        self.output_names = list(output_names or contract.output_names)
         _check_inputs(self.path, list(self.program.inputs), contract)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -282,7 +292,10 @@ class EmulatedCoreMLRunner(Runner):
             outputs = self.program.run(arrays, self.mode)
         finally:
             torch.set_num_threads(previous)
-        return {name: outputs[name] for name in self.contract.output_names}
+        return {
+            name: np.asarray(outputs[program_name], dtype=np.float32)
+            for name, program_name in zip(self.contract.output_names, self.output_names, strict=True)
+        }
 
 
 class MLModelRunner(Runner):  # pragma: no cover - needs macOS

@@ -61,7 +61,7 @@ class CoreMLPayloadRunner(Runner):
     def __init__(self, path: Path, contract: PartContract, threads: int | None = None) -> None:
         from executorch.examples.apple.coreml.scripts.extract_coreml_models import extract_coreml_models
 
-        from mobile_targets.coreml_emulator import MilProgram
+        from mobile_targets.coreml_target import EmulatedCoreMLRunner
 
         super().__init__(path, contract)
         check_pte_header(self.path)
@@ -74,29 +74,13 @@ class CoreMLPayloadRunner(Runner):
         if len(extracted) != 1:
             raise ArtifactError(f"{self.path} holds {len(extracted)} Core ML models, expected exactly one")
         metadata = json.loads((extracted[0] / PAYLOAD_METADATA).read_text())
-        if sorted(metadata["inputNames"]) != sorted(contract.input_names):
-            raise ArtifactError(
-                f"{self.path}: its Core ML model takes {metadata['inputNames']}, expected {list(contract.input_names)}"
-            )
-        self.payload_outputs = list(metadata["outputNames"])
-        if len(self.payload_outputs) != len(contract.output_names):
-            raise ArtifactError(f"{self.path}: its Core ML model has outputs {self.payload_outputs}")
-        self.program = MilProgram(extracted[0] / PAYLOAD_PACKAGE)
-        self.threads = threads
+        outputs = list(metadata["outputNames"])
+        if len(outputs) != len(contract.output_names):
+            raise ArtifactError(f"{self.path}: its Core ML model has outputs {outputs}")
+        self.emulated = EmulatedCoreMLRunner(extracted[0] / PAYLOAD_PACKAGE, contract, threads, output_names=outputs)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        arrays = dict(zip(self.contract.input_names, self.ordered_inputs(inputs), strict=True))
-        previous = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        try:
-            outputs = self.program.run(arrays, "fp16")
-        finally:
-            torch.set_num_threads(previous)
-        return {
-            name: np.asarray(outputs[payload], dtype=np.float32)
-            for name, payload in zip(self.contract.output_names, self.payload_outputs, strict=True)
-        }
+        return self.emulated.run(inputs)
 
 
 class ExecuTorchCoreMLTarget(Target):

@@ -38,15 +38,22 @@ def resident_memory_mb() -> dict[str, float] | None:
     return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "peak_rss_mb": int(fields["VmHWM"].split()[0]) / 1024}
 
 
-def matmul_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
-    """The best fp32 GEMM rate torch reaches here: the machine's practical compute ceiling."""
+def matmul_gflops(threads: int, size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """The best GEMM rate torch reaches here, the machine's practical compute ceiling: fp32
+    (`torch.mm`) or int8 (`torch._int_mm`, int32 accumulation), in G(FL)OP/s."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
+    if dtype == torch.int8:
+        a = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+        b = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+        multiply = torch._int_mm
+    else:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        multiply = torch.mm
+    multiply(a, b)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.mm(a, b)
+        multiply(a, b)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 

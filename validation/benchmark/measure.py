@@ -63,20 +63,6 @@ def time_call(run: Callable[[], object], threads: int, warmup: int, runs: int) -
     return Timing(threads, statistics.median(seconds), float(np.percentile(seconds, 90)), runs)
 
 
-def int8_matmul_gops(threads: int, size: int = 2048, repeats: int = 5) -> float:
-    """The best int8 GEMM rate torch reaches here (`torch._int_mm`, int32 accumulation)."""
-    torch.set_num_threads(threads)
-    a = torch.randint(-128, 127, (size, size), dtype=torch.int8)
-    b = torch.randint(-128, 127, (size, size), dtype=torch.int8)
-    torch._int_mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch._int_mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
-
-
 def machine_description() -> str:
     model = ""
     try:
@@ -194,7 +180,7 @@ def baselines(
 
 def floors(reference: ReferencePredictor, image: np.ndarray, threads: list[int]) -> list[Floor]:
     gflops = count_gflops(reference.encoder_module, (torch.from_numpy(image),))
-    return [Floor(count, gflops, matmul_gflops(count), int8_matmul_gops(count)) for count in threads]
+    return [Floor(count, gflops, matmul_gflops(count), matmul_gflops(count, dtype=torch.int8)) for count in threads]
 
 
 def point_sweep(
