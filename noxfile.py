@@ -130,7 +130,7 @@ def benchmark(session: nox.Session) -> None:
     eager, ONNX Runtime and the compute floor; decoder latency against N; ExecuTorch per-op profile.
 
     Options after `--`: --out DIR (default artifacts), --threads 1 2, --runs R, --warmup W,
-    --points 1 5 16 (decoders converted at each N under DIR/benchmark_points; none to skip),
+    --points 3 5 16 (decoders converted at each N under DIR/benchmark_points; none to skip),
     --sweep-precisions fp32 int8. Writes DIR/benchmark.json, benchmark.md and benchmark.png.
     """
     install_project(session, "validate")

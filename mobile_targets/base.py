@@ -28,7 +28,7 @@ class PartToConvert:
     module: torch.nn.Module
     contract: PartContract
     example_inputs: tuple[torch.Tensor, ...]
-    """Real-photo inputs for post-training quantization (empty when a precision needs none)."""
+    """One real photo (and prompt) prepared by the contract: the export's sample and the gate's input."""
     weights_description: str = ""
     """Where the weights came from, for formats that carry metadata (Core ML)."""
     architecture: str = ARCHITECTURES[STUDENT_TYPE]

@@ -85,7 +85,6 @@ def _make_attention_export_friendly(encoder: TinyVit) -> None:
         if isinstance(module, TinyVitAttention):
             module.get_attention_biases = types.MethodType(_gather_attention_biases, module)
             module.forward = types.MethodType(_attention_as_bmm, module)
-            module.fused_attn = False
 
 
 def _gather_attention_biases(self: TinyVitAttention, device: torch.device) -> torch.Tensor:

@@ -5,19 +5,35 @@ measured fp32 matmul rate). Plus peak resident memory, read from Linux's VmHWM."
 from __future__ import annotations
 
 import logging
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from validation.schema import Latency
 
 log = logging.getLogger(__name__)
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def time_call(run: Callable[[], object], warmup: int, runs: int) -> Latency:
+    """Warm latency of `run`: median and p90 over `runs` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        run()
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    return Latency(statistics.median(seconds), float(np.percentile(seconds, 90)), runs)
 
 
 def reset_peak_memory() -> bool:

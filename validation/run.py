@@ -10,7 +10,6 @@ one line in its file's, pair's or target's entry, and the others are still valid
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,7 +26,13 @@ from pipeline.datasets import Photos
 from pipeline.errors import PipelineError, one_line
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
 from pipeline.predictor import NamedRunner, ReferencePredictor
-from validation.baselines import compute_floor, onnx_runtime_latency, reset_peak_memory, resident_memory_mb
+from validation.baselines import (
+    compute_floor,
+    onnx_runtime_latency,
+    reset_peak_memory,
+    resident_memory_mb,
+    time_call,
+)
 from validation.gates import DEFAULT_GATES, Gate, gate_failures, looser_gate
 from validation.reference import ReferenceImage, ValidationSettings, build_reference, reference_weights
 from validation.schema import (
@@ -55,14 +60,7 @@ class TeacherSpec:
 
 
 def time_runs(run: Callable[[], object], settings: ValidationSettings) -> Latency:
-    for _ in range(settings.warmup_runs):
-        run()
-    seconds = []
-    for _ in range(settings.latency_runs):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return Latency(statistics.median(seconds), float(np.percentile(seconds, 90)), settings.latency_runs)
+    return time_call(run, settings.warmup_runs, settings.latency_runs)
 
 
 def timed_reference(references: list[ReferenceImage]) -> ReferenceImage:

@@ -17,6 +17,7 @@ from pipeline.cli import run_main, setup_logging
 from pipeline.errors import ConfigError
 from validation.benchmark.measure import run_benchmark
 from validation.benchmark.report import write_benchmark
+from validation.gates import DEFAULT_GATES
 
 
 def main() -> int:
@@ -32,7 +33,7 @@ def main() -> int:
         default=[3, 5, 16],
         help="decoder point counts N to sweep (at least 3: the self-test box+point case takes three; none: skip)",
     )
-    parser.add_argument("--sweep-precisions", nargs="+", default=["fp32", "int8"])
+    parser.add_argument("--sweep-precisions", nargs="+", default=["fp32", "int8"], choices=sorted(DEFAULT_GATES))
     args = parser.parse_args()
     if any(t < 1 for t in args.threads) or args.runs < 1 or args.warmup < 0 or any(n < 3 for n in args.points):
         raise ConfigError("--threads and --runs must be positive, --points at least 3, --warmup not negative")

@@ -6,9 +6,7 @@ from __future__ import annotations
 import logging
 import platform
 import re
-import statistics
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -35,6 +33,9 @@ from validation.baselines import (
     reset_peak_memory,
     resident_memory_mb,
 )
+from validation.baselines import (
+    time_call as time_latency,
+)
 from validation.benchmark.schema import (
     ArtifactBenchmark,
     Baseline,
@@ -53,14 +54,8 @@ SWEEP_FOLDER = "benchmark_points"
 
 
 def time_call(run: Callable[[], object], threads: int, warmup: int, runs: int) -> Timing:
-    for _ in range(warmup):
-        run()
-    seconds = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return Timing(threads, statistics.median(seconds), float(np.percentile(seconds, 90)), runs)
+    """`validation.baselines.time_call`, labelled with the thread count it ran at."""
+    return Timing(threads, **asdict(time_latency(run, warmup, runs)))
 
 
 def machine_description() -> str:
@@ -107,16 +102,11 @@ def files_under(out: Path) -> list[FileUnderTest]:
     return files
 
 
-def emulated(target: str) -> str | None:
-    """Why a target's files are not timed here (Core ML runs only emulated off macOS)."""
-    return get_target(target).emulation_note()
-
-
 def benchmark_artifact(item: FileUnderTest, threads: list[int], warmup: int, runs: int) -> ArtifactBenchmark:
     record = item.record
     runtime = get_target(record.target).runtime_name
     result = ArtifactBenchmark(record.target, record.part, record.precision, str(item.path), record.bytes, runtime)
-    result.not_timed = emulated(record.target)
+    result.not_timed = get_target(record.target).emulation_note()
     if result.not_timed:
         return result
     try:
@@ -134,12 +124,6 @@ def benchmark_artifact(item: FileUnderTest, threads: list[int], warmup: int, run
         result.error = one_line(error)
     result.timings.sort(key=lambda t: t.threads)
     return result
-
-
-def reference_for(item: FileUnderTest) -> ReferencePredictor:
-    model_type, checkpoint, seed = reference_weights(item.manifest, None)
-    sam, _ = load_model(model_type, checkpoint, seed)
-    return ReferencePredictor(sam, item.manifest.config["num_points"])
 
 
 def baselines(
@@ -184,14 +168,20 @@ def floors(reference: ReferencePredictor, image: np.ndarray, threads: list[int])
 
 
 def point_sweep(
-    out: Path, decoders: list[FileUnderTest], points: list[int], threads: int, warmup: int, runs: int
+    out: Path,
+    sam: torch.nn.Module,
+    model_type: str,
+    decoders: list[FileUnderTest],
+    points: list[int],
+    threads: int,
+    warmup: int,
+    runs: int,
 ) -> list[SweepPoint]:
-    """Each decoder's target and precision converted again at every N, and timed; PyTorch too."""
+    """Each decoder's target and precision converted again at every N from the weights the files
+    came from (never an earlier run's sweep file: the weights may have changed), and timed;
+    PyTorch too."""
     if not points or not decoders:
         return []
-    first = decoders[0]
-    model_type, checkpoint, seed = reference_weights(first.manifest, None)
-    sam, _ = load_model(model_type, checkpoint, seed)
     torch.set_num_threads(threads)
     sweep = []
     for count in points:
@@ -203,19 +193,17 @@ def point_sweep(
         named = {name: t.numpy() for name, t in zip(decoder.contract.input_names, decoder.example_inputs, strict=True)}
         for item in decoders:
             record = item.record
-            runtime = f"{record.target}"
             path = out / SWEEP_FOLDER / f"N{count}" / record.target / Path(record.file).name
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 options = item.manifest.config.get("target_options", {}).get(record.target, {})
                 target = get_target(record.target).with_options(options)
-                if not path.exists():
-                    convert_one(target, decoder, record.precision, path)
+                convert_one(target, decoder, record.precision, path)
                 runner = target.load_runner(path, decoder.contract, threads=threads)
                 timing = time_call(lambda runner=runner, named=named: runner.run(named), threads, warmup, runs)
-                sweep.append(SweepPoint(runtime, record.precision, count, timing))
+                sweep.append(SweepPoint(record.target, record.precision, count, timing))
             except Exception as error:
-                sweep.append(SweepPoint(runtime, record.precision, count, None, one_line(error)))
+                sweep.append(SweepPoint(record.target, record.precision, count, None, one_line(error)))
     return sweep
 
 
@@ -282,9 +270,15 @@ def run_benchmark(
     decoders = [f for f in files if f.record.part == "prompt_decoder"]
     if not encoders or not decoders:
         raise PipelineError(f"{out} needs at least one encoder and one decoder file to compare with PyTorch")
-    reference = reference_for(encoders[0])
+    model_type, checkpoint, seed = reference_weights(encoders[0].manifest, None)
+    sam, _ = load_model(model_type, checkpoint, seed)
+    reference = ReferencePredictor(sam, encoders[0].manifest.config["num_points"])
     encoder_inputs, decoder_inputs = encoders[0].inputs(), decoders[0].inputs()
-    timed_decoders = [f for f in decoders if not emulated(f.record.target) and f.record.precision in sweep_precisions]
+    timed_decoders = [
+        f
+        for f in decoders
+        if not get_target(f.record.target).emulation_note() and f.record.precision in sweep_precisions
+    ]
     return Benchmark(
         machine=machine_description(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -292,6 +286,6 @@ def run_benchmark(
         floors=floors(reference, encoder_inputs["image"], threads),
         baselines=baselines(reference, encoder_inputs, decoder_inputs, threads, warmup, runs),
         artifacts=artifacts,
-        sweep=point_sweep(out, timed_decoders, points, max(threads), warmup, runs),
+        sweep=point_sweep(out, sam, model_type, timed_decoders, points, max(threads), warmup, runs),
         profiles=[executorch_profile(f, max(threads)) for f in encoders if f.record.target == "executorch"],
     )
