@@ -1,8 +1,10 @@
-"""`python -m distillation [cache|run] --config FILE [options]` (also under `torchrun`).
+"""`python -m distillation [cache|verify|run] --config FILE [options]` (also under `torchrun`).
 
-cache: the teacher's embeddings of every image (resumable).
-run:   cache, then train the student, evaluate it on held-out images before and after, and write
-       `<out>/mobile_sam.pt` (official layout) and `<out>/distill_report.json`.
+cache:  the teacher's embeddings of every image, each rank a share of the shards (resumable);
+        writes `<out>/cache_report.json`.
+verify: hash every shard of the cache against the sha256 recorded when it was written.
+run:    cache, then train the student, evaluate it on held-out images before and after, and write
+        `<out>/mobile_sam.pt` (official layout) and `<out>/distill_report.json`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from distillation.config import DistillConfig, load_distill_config
 from distillation.data import discover_images, split_held_out
 from distillation.evaluate import evaluate_student
 from distillation.models import assemble_mobile_sam, build_student, load_teacher
-from distillation.teacher_cache import build_teacher_cache, load_teacher_cache
-from distillation.train import init_world, train_student
+from distillation.teacher_cache import build_teacher_cache, load_teacher_cache, verify_teacher_cache
+from distillation.train import all_gather, init_world, train_student
 from pipeline.checkpoints import save_checkpoint
 from pipeline.cli import run_main, setup_logging
+from pipeline.errors import PipelineError
 from pipeline.files import atomic_write_json
 
 log = logging.getLogger("distillation")
@@ -30,7 +33,7 @@ log = logging.getLogger("distillation")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m distillation", description=__doc__)
-    parser.add_argument("command", choices=("cache", "run"))
+    parser.add_argument("command", choices=("cache", "verify", "run"))
     parser.add_argument("--config", type=Path, help="TOML with a [distill] table (see distillation/config.py)")
     parser.add_argument("--teacher-checkpoint", type=Path, help="official SAM checkpoint (sam_vit_h_4b8939.pth, ...)")
     parser.add_argument("--teacher-type", choices=("vit_b", "vit_l", "vit_h"))
@@ -42,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--accumulation", type=int)
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--max-images", type=int)
+    parser.add_argument("--shard-size", type=int)
+    parser.add_argument("--loader-workers", type=int, help="DataLoader worker processes per rank")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation (tests)")
     return parser
 
@@ -59,6 +64,8 @@ def _config(args: argparse.Namespace) -> DistillConfig:
             "accumulation",
             "checkpoint_every",
             "max_images",
+            "shard_size",
+            "loader_workers",
         )
     }
     return load_distill_config(args.config, **overrides)
@@ -68,9 +75,14 @@ def main() -> int:
     args = _parser().parse_args()
     setup_logging()
     config = _config(args)
-    world = init_world()
+    world = init_world(config.process_group_timeout_minutes)
+    gather = all_gather(world)
     out = Path(config.out_dir)
     cache_dir = args.cache_dir or out / "teacher_cache"
+    if args.command == "verify":
+        _verify(cache_dir, world.rank, world.size, gather)
+        _finish(world)
+        return 0
     if config.random_teacher and world.is_main:
         log.warning(
             "SMOKE RUN: no teacher checkpoint, so the teacher is SAM %s with seeded random weights (seed %d) at "
@@ -85,25 +97,29 @@ def main() -> int:
     teacher, teacher_description, teacher_sha256 = load_teacher(
         config.teacher_type, config.teacher_checkpoint, config.image_size, config.seed
     )
-    cache = None
+    gather(None)  # every rank has its teacher: the cache's wall time is the embedding work alone
+    cache = build_teacher_cache(
+        teacher.image_encoder,
+        teacher_description,
+        sources,
+        cache_dir,
+        config.image_size,
+        config.cache_dtype,
+        config.shard_size,
+        device=str(world.device),
+        rank=world.rank,
+        world_size=world.size,
+        gather=gather,
+    )
     if world.is_main:
-        cache = build_teacher_cache(
-            teacher.image_encoder,
-            teacher_description,
-            sources,
-            cache_dir,
-            config.image_size,
-            config.cache_dtype,
-            config.shard_size,
-            device=str(world.device),
-        )
         print(
-            f"teacher cache {cache.folder}: {cache.computed} computed, {cache.reused} reused "
-            f"({cache.images_per_second:.2f} images/s)"
+            f"teacher cache {cache.folder}: {cache.computed} computed, {cache.reused} reused in {cache.seconds:.1f} s "
+            f"by {cache.world_size} process(es) ({cache.images_per_second:.2f} images/s)"
         )
-    if world.size > 1:
-        dist.barrier()
     if args.command == "cache":
+        if world.is_main:
+            atomic_write_json(out / "cache_report.json", cache.to_json())
+        _finish(world)
         return 0
     targets = load_teacher_cache(cache_dir)
     student = build_student(config.student, config.image_size, config.seed)
@@ -114,12 +130,7 @@ def main() -> int:
         "train_images": len(train_sources),
         "held_out_images": [s.key for s in held_out],
     }
-    if cache is not None:
-        report["cache"] = {
-            "computed": cache.computed,
-            "reused": cache.reused,
-            "images_per_second": cache.images_per_second,
-        }
+    report["cache"] = cache.to_json()
     evaluate = world.is_main and not args.no_eval
     if evaluate:
         report["before"] = evaluate_student(
@@ -143,10 +154,25 @@ def main() -> int:
             print(f"wrote {path} (official mobile_sam.pt layout: load with --checkpoint {path})")
         atomic_write_json(out / "distill_report.json", report)
         _print_summary(report)
+    _finish(world)
+    return 0
+
+
+def _finish(world) -> None:
     if world.size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+
+
+def _verify(cache_dir: Path, rank: int, world_size: int, gather) -> None:
+    bad = verify_teacher_cache(cache_dir, rank, world_size, gather)
+    if bad:
+        raise PipelineError(
+            f"{len(bad)} teacher cache shard(s) in {cache_dir} are missing or damaged ({', '.join(bad[:5])}); "
+            "rerun `python -m distillation cache` to recompute them"
+        )
+    if rank == 0:
+        print(f"teacher cache {cache_dir}: every shard matches its sha256")
 
 
 def _print_summary(report: dict) -> None:

@@ -50,6 +50,12 @@ class DistillConfig:
     mixed_precision: str = "auto"
     """auto: bf16 autocast on GPU, none on CPU; or "bf16", "fp16", "none"."""
     eval_prompts_per_image: int = 4
+    loader_workers: int = 4
+    """DataLoader worker processes per rank decoding photos and reading embeddings (0: in the
+    training process). The weights do not depend on it."""
+    process_group_timeout_minutes: float = 60.0
+    """How long a rank waits for the others (torchrun): a teacher cache shard or a checkpoint
+    must take less."""
 
     def __post_init__(self) -> None:
         check_types(self, "distill config")
@@ -68,6 +74,12 @@ class DistillConfig:
         for name in ("epochs", "batch_size", "accumulation", "shard_size", "checkpoint_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.loader_workers < 0:
+            raise ConfigError(f"loader_workers must be 0 or more, got {self.loader_workers}")
+        if not self.process_group_timeout_minutes > 0:
+            raise ConfigError(
+                f"process_group_timeout_minutes must be positive, got {self.process_group_timeout_minutes}"
+            )
         if self.held_out < 1:
             raise ConfigError(f"held_out must be at least 1 (the evaluation needs images), got {self.held_out}")
 

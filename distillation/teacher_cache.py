@@ -1,25 +1,36 @@
 """The teacher's embeddings, computed once and stored in shards (the paper's precompute step).
 
-Layout of `<out>/teacher_cache/`:
-- `shard_00000.pt`, ...: `{"keys": [...], "embeddings": N x 256 x S/16 x S/16}` (fp16 or fp32),
-  each written atomically, so an interrupted run never leaves half a shard.
-- `index.json`: the teacher, image size and dtype the cache was made with, and per shard its
-  keys, file name and sha256. Rewritten atomically after every shard.
+Layout of a cache folder (`<out>/teacher_cache/` unless `--cache-dir`):
+- `shard_<id>.safetensors`: one tensor `embeddings` (N x 256 x S/16 x S/16, fp16 or fp32) for the
+  photo keys in its metadata. `<id>` is a digest of those keys: shards are named by content.
+- `shard_<id>.json`: the shard's record (keys, identity, sha256 computed when the shard was
+  written), written after the shard: a shard without its record is redone.
+- `index.json`: the identity (teacher, size, dtype) and every record of the current photo list,
+  in order: the one merged index training reads.
 
-A rerun verifies each listed shard's checksum, keeps those whose keys still match the image
-list, and computes only what is missing: an interrupted cache resumes where it stopped.
+Which photos share a shard is decided by the photos' keys, not their positions (content-defined
+chunking: a shard ends after a key whose digest is 0 modulo `shard_size`), so inserting a photo
+changes the one shard it falls in and no other.
+
+Under torchrun every rank checks, then embeds, a disjoint share of the shards; rank 0 merges the
+records. Each shard's sha256 is computed once when written and checked once per job (by one rank)
+when a run resumes, or on demand with `python -m distillation verify`; training then reads
+embeddings row by row from the memory-mapped shards without hashing them again.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 from tqdm import tqdm
 
 from distillation.data import ImageSource, prepare_for_encoder
@@ -28,7 +39,31 @@ from pipeline.files import atomic_write_bytes, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 INDEX_NAME = "index.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+METADATA_KEY = "distill_cache"
+MAX_SHARD_FACTOR = 4
+"""A shard closes after `MAX_SHARD_FACTOR x shard_size` keys even without a content boundary."""
+
+Gather = Callable[[object], list]
+"""all_gather of one picklable object per rank (identity for one process)."""
+
+
+def _single_process_gather(value: object) -> list:
+    return [value]
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    file: str
+    keys: tuple[str, ...]
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "keys": list(self.keys), "sha256": self.sha256}
+
+    @staticmethod
+    def from_json(payload: dict) -> ShardRecord:
+        return ShardRecord(payload["file"], tuple(payload["keys"]), payload["sha256"])
 
 
 @dataclass(frozen=True)
@@ -37,37 +72,92 @@ class CacheResult:
     computed: int
     reused: int
     seconds: float
+    world_size: int = 1
 
     @property
     def images_per_second(self) -> float:
         return self.computed / self.seconds if self.seconds else float("nan")
 
+    def to_json(self) -> dict:
+        return {
+            "folder": str(self.folder),
+            "computed": self.computed,
+            "reused": self.reused,
+            "seconds": self.seconds,
+            "world_size": self.world_size,
+            "images_per_second": self.images_per_second,
+        }
 
-def _identity(teacher: str, image_size: int, dtype: str) -> dict:
+
+def cache_identity(teacher: str, image_size: int, dtype: str) -> dict:
     return {"version": CACHE_VERSION, "teacher": teacher, "image_size": image_size, "dtype": dtype}
 
 
-def _read_index(folder: Path, identity: dict) -> list[dict]:
-    """Shards of an earlier run that are intact and made by the same teacher and settings."""
-    path = folder / INDEX_NAME
-    if not path.exists():
-        return []
+def _key_digest(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def plan_shards(keys: list[str], shard_size: int) -> list[tuple[str, ...]]:
+    """The photo keys of each shard, decided by the keys themselves (see the module docstring)."""
+    shards: list[tuple[str, ...]] = []
+    current: list[str] = []
+    for key in keys:
+        current.append(key)
+        if _key_digest(key) % shard_size == 0 or len(current) >= MAX_SHARD_FACTOR * shard_size:
+            shards.append(tuple(current))
+            current = []
+    if current:
+        shards.append(tuple(current))
+    return shards
+
+
+def shard_stem(keys: tuple[str, ...]) -> str:
+    return "shard_" + hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20]
+
+
+def share_of(sizes: list[int], rank: int, world_size: int) -> list[int]:
+    """Indices of the shards rank `rank` handles: largest first to the least loaded rank (ties to
+    the lower rank), so ranks finish together; a pure function of the sizes, the same on every rank."""
+    load = [0] * world_size
+    owner = [0] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        target = min(range(world_size), key=lambda r: (load[r], r))
+        owner[index] = target
+        load[target] += sizes[index]
+    return [i for i, r in enumerate(owner) if r == rank]
+
+
+def _record_if_intact(folder: Path, keys: tuple[str, ...], identity: dict) -> ShardRecord | None:
+    """The shard's record when its file is there, made by this teacher and setting, for exactly these
+    keys, and its bytes still hash to the sha256 recorded when it was written."""
+    stem = shard_stem(keys)
+    sidecar, file = folder / f"{stem}.json", folder / f"{stem}.safetensors"
+    if not (sidecar.is_file() and file.is_file()):
+        return None
     try:
-        index = json.loads(path.read_text())
+        payload = json.loads(sidecar.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        log.warning("teacher cache index %s is unreadable: recomputing", path)
-        return []
-    if index.get("identity") != identity:
-        log.warning("teacher cache %s was made with %s, not %s: recomputing", folder, index.get("identity"), identity)
-        return []
-    intact = []
-    for shard in index.get("shards", []):
-        file = folder / shard["file"]
-        if file.is_file() and sha256_file(file) == shard["sha256"]:
-            intact.append(shard)
-        else:
-            log.warning("teacher cache shard %s is missing or corrupt: recomputing it", file.name)
-    return intact
+        log.warning("teacher cache record %s is unreadable: recomputing its shard", sidecar.name)
+        return None
+    if payload.get("identity") != identity or tuple(payload.get("keys", ())) != keys:
+        return None
+    if sha256_file(file) != payload.get("sha256"):
+        log.warning("teacher cache shard %s does not match its checksum: recomputing it", file.name)
+        return None
+    return ShardRecord(file.name, keys, payload["sha256"])
+
+
+def _write_shard(folder: Path, keys: tuple[str, ...], embeddings: torch.Tensor, identity: dict) -> ShardRecord:
+    stem = shard_stem(keys)
+    data = safetensors_bytes(
+        {"embeddings": embeddings.contiguous()},
+        metadata={METADATA_KEY: json.dumps({"keys": list(keys), "identity": identity})},
+    )
+    file = folder / f"{stem}.safetensors"
+    atomic_write_bytes(file, data)
+    record = ShardRecord(file.name, keys, hashlib.sha256(data).hexdigest())
+    atomic_write_json(folder / f"{stem}.json", {**record.to_json(), "identity": identity})
+    return record
 
 
 def build_teacher_cache(
@@ -80,62 +170,128 @@ def build_teacher_cache(
     shard_size: int = 64,
     device: str = "cpu",
     batch_size: int = 4,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Gather = _single_process_gather,
 ) -> CacheResult:
-    """Embeddings of every source, shard by shard; returns how many were computed and reused."""
+    """Embeddings of every source, shard by shard; under torchrun each rank takes its share.
+
+    Intact shards of an earlier run (same keys, teacher and settings, matching sha256) are kept,
+    so an interrupted cache resumes where it stopped. Returns computed and reused counts (all
+    ranks) and the wall time of this call."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    identity = _identity(teacher_description, image_size, dtype)
-    shards = _read_index(folder, identity)
-    planned = [sources[i : i + shard_size] for i in range(0, len(sources), shard_size)]
-    kept = {tuple(s["keys"]): s for s in shards}
-    index_shards: list[dict] = []
-    computed = reused = 0
     start = time.perf_counter()
-    todo = sum(len(chunk) for chunk in planned if tuple(s.key for s in chunk) not in kept)
-    progress = tqdm(total=todo, desc="teacher embeddings", unit="img", dynamic_ncols=True)
+    identity = cache_identity(teacher_description, image_size, dtype)
+    by_key = {source.key: source for source in sources}
+    planned = plan_shards([source.key for source in sources], shard_size)
+
+    # 1. each rank checks its share of the shards an earlier run may have left
+    checked = share_of([len(keys) for keys in planned], rank, world_size)
+    mine = {i: _record_if_intact(folder, planned[i], identity) for i in checked}
+    found: dict[int, ShardRecord] = {}
+    for part in gather({i: r for i, r in mine.items() if r is not None}):
+        found.update(part)
+
+    # 2. the missing shards, balanced again over the ranks, are embedded
+    missing = [i for i in range(len(planned)) if i not in found]
+    assigned = [missing[j] for j in share_of([len(planned[i]) for i in missing], rank, world_size)]
+    todo = sum(len(planned[i]) for i in assigned)
+    progress = tqdm(total=todo, desc=f"teacher embeddings (rank {rank})", unit="img", dynamic_ncols=True)
     teacher_encoder = teacher_encoder.to(device).eval()
-    for number, chunk in enumerate(planned):
-        keys = tuple(source.key for source in chunk)
-        if keys in kept:
-            index_shards.append(kept[keys])
-            reused += len(chunk)
-            continue
+    written: dict[int, ShardRecord] = {}
+    for number in assigned:
+        keys = planned[number]
         embeddings = []
-        for offset in range(0, len(chunk), batch_size):
-            batch = torch.stack(
-                [prepare_for_encoder(s.read_rgb(), image_size) for s in chunk[offset : offset + batch_size]]
-            )
+        for offset in range(0, len(keys), batch_size):
+            chunk = keys[offset : offset + batch_size]
+            batch = torch.stack([prepare_for_encoder(by_key[key].read_rgb(), image_size) for key in chunk])
             with torch.no_grad():
                 embeddings.append(teacher_encoder(batch.to(device)).to("cpu", getattr(torch, dtype)))
-            progress.update(len(batch))
-            progress.set_postfix(img_s=f"{progress.n / max(time.perf_counter() - start, 1e-9):.2f}")
-        buffer = io.BytesIO()
-        torch.save({"keys": list(keys), "embeddings": torch.cat(embeddings)}, buffer)
-        name = f"shard_{number:05d}.pt"
-        atomic_write_bytes(folder / name, buffer.getvalue())
-        index_shards.append({"file": name, "keys": list(keys), "sha256": sha256_file(folder / name)})
-        computed += len(chunk)
-        atomic_write_json(folder / INDEX_NAME, {"identity": identity, "shards": index_shards})
+            progress.update(len(chunk))
+        written[number] = _write_shard(folder, keys, torch.cat(embeddings), identity)
     progress.close()
-    atomic_write_json(folder / INDEX_NAME, {"identity": identity, "shards": index_shards})
-    return CacheResult(folder, computed, reused, time.perf_counter() - start)
+    for part in gather(written):
+        found.update(part)
+
+    # 3. one merged index, in the photos' order
+    if rank == 0:
+        records = [found[i].to_json() for i in range(len(planned))]
+        atomic_write_json(folder / INDEX_NAME, {"identity": identity, "shards": records})
+    gather(None)  # nobody reads the index before it is written
+    computed = sum(len(planned[i]) for i in missing)
+    return CacheResult(folder, computed, len(sources) - computed, time.perf_counter() - start, world_size)
 
 
-def load_teacher_cache(folder: Path) -> dict[str, torch.Tensor]:
-    """key -> embedding in the cache's dtype, after checking every shard's checksum.
-
-    Shards are memory-mapped, not read into RAM: 1% of SA-1B at 1024 is about 110k x 2 MB of
-    fp16 embeddings, far more than memory; each step reads only the embeddings it uses."""
+def read_index(folder: Path) -> tuple[dict, list[ShardRecord]]:
     folder = Path(folder)
     path = folder / INDEX_NAME
     if not path.is_file():
         raise PipelineError(f"no teacher cache at {folder} (run `python -m distillation cache` first)")
-    index = json.loads(path.read_text())
-    embeddings: dict[str, torch.Tensor] = {}
-    for shard in index["shards"]:
-        file = folder / shard["file"]
-        if not file.is_file() or sha256_file(file) != shard["sha256"]:
-            raise PipelineError(f"teacher cache shard {file} is missing or does not match its checksum")
-        payload = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        embeddings.update(zip(payload["keys"], payload["embeddings"], strict=True))
-    return embeddings
+    try:
+        index = json.loads(path.read_text())
+        return index["identity"], [ShardRecord.from_json(shard) for shard in index["shards"]]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise PipelineError(f"{path} is not a teacher cache index ({error}); rerun the cache command") from None
+
+
+def verify_teacher_cache(folder: Path, rank: int = 0, world_size: int = 1, gather: Gather = _single_process_gather):
+    """Hash every shard of the index against its recorded sha256 (each rank its share); returns
+    the names of the shards that are missing or damaged, on every rank."""
+    folder = Path(folder)
+    _, records = read_index(folder)
+    bad = [
+        records[i].file
+        for i in share_of([len(r.keys) for r in records], rank, world_size)
+        if not (folder / records[i].file).is_file() or sha256_file(folder / records[i].file) != records[i].sha256
+    ]
+    return sorted(name for part in gather(bad) for name in part)
+
+
+class TeacherCache(Mapping[str, torch.Tensor]):
+    """key -> embedding (the cache's dtype), read row by row from memory-mapped shards.
+
+    1% of SA-1B at 1024 is about 110k x 2 MB of fp16 embeddings, far more than memory: nothing is
+    read until asked for, and nothing is hashed (the cache command checked or wrote every shard);
+    a missing or truncated shard is refused with its name. Picklable, so DataLoader workers get it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.identity, records = read_index(self.folder)
+        self._where = {key: (record.file, row) for record in records for row, key in enumerate(record.keys)}
+        self._open: dict[str, object] = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": {}}
+
+    def _shard(self, name: str):
+        handle = self._open.get(name)
+        if handle is None:
+            path = self.folder / name
+            if not path.is_file():
+                raise PipelineError(f"teacher cache shard {path} is missing (rerun the cache command)")
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as error:  # safetensors raises its own types for a damaged header
+                raise PipelineError(
+                    f"teacher cache shard {path} is unreadable ({error}); rerun the cache command"
+                ) from None
+            self._open[name] = handle
+        return handle
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        try:
+            name, row = self._where[key]
+        except KeyError:
+            raise KeyError(key) from None
+        return self._shard(name).get_slice("embeddings")[row : row + 1][0]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def load_teacher_cache(folder: Path) -> TeacherCache:
+    return TeacherCache(folder)

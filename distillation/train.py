@@ -10,6 +10,10 @@ BatchNorm (TinyViT's convolutional stages) normalises each micro-batch with its 
 as DDP without SyncBatchNorm does; its running statistics are averaged over all micro-batches of
 the step (not rank 0's alone, DDP's default), which a single process reproduces exactly.
 
+Input pipeline: a DataLoader whose batch sampler yields this rank's micro-batches step after step
+(`StepBatches`), so worker processes decode photos and read embeddings ahead of the step while
+the order stays the pure function of the step above: with or without workers, the same weights.
+
 Fault tolerance: every `checkpoint_every` steps rank 0 writes `train_state.pt` atomically
 (student, optimizer, schedule, step). A restarted run resumes from it and, the data order being a
 function of the step, ends with the same weights as an uninterrupted run.
@@ -18,12 +22,14 @@ function of the step, ends with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import json
 import logging
 import math
 import os
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from distillation.config import DistillConfig
@@ -55,12 +62,13 @@ class World:
         return self.rank == 0
 
 
-def init_world() -> World:
-    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or a single process."""
+def init_world(timeout_minutes: float = 60.0) -> World:
+    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or a single process. `timeout_minutes`
+    bounds every collective (a barrier waits at most that long for the slowest rank)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     rank = dist.get_rank() if size > 1 else 0
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -87,6 +95,65 @@ def micro_batches(config: DistillConfig, count: int, step: int, world: World, st
     size = config.batch_size // (world.size * config.accumulation)
     first = world.rank * config.accumulation
     return [batch[(first + i) * size : (first + i + 1) * size] for i in range(config.accumulation)]
+
+
+def all_gather(world: World):
+    """A gather of one picklable object per rank (what the teacher cache needs to merge records)."""
+
+    def gather(value: object) -> list:
+        if world.size == 1:
+            return [value]
+        parts: list = [None] * world.size
+        dist.all_gather_object(parts, value)
+        return parts
+
+    return gather
+
+
+class DistillSamples(Dataset):
+    """(prepared photo, teacher embedding as float32) by position in the training list."""
+
+    def __init__(self, sources: list[ImageSource], targets: Mapping[str, torch.Tensor], image_size: int) -> None:
+        self.sources, self.targets, self.image_size = sources, targets, image_size
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        source = self.sources[index]
+        return prepare_for_encoder(source.read_rgb(), self.image_size), self.targets[source.key].float()
+
+
+class StepBatches(Sampler[list[int]]):
+    """This rank's micro-batches for steps `first_step` .. `total_steps - 1`, in training order."""
+
+    def __init__(self, config: DistillConfig, count: int, world: World, first_step: int, total_steps: int) -> None:
+        self.config, self.count, self.world = config, count, world
+        self.first_step, self.total_steps = first_step, total_steps
+        self.steps_per_epoch = count // config.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.first_step, self.total_steps):
+            yield from micro_batches(self.config, self.count, step, self.world, self.steps_per_epoch)
+
+    def __len__(self) -> int:
+        return (self.total_steps - self.first_step) * self.config.accumulation
+
+
+def _loader(
+    sources: list[ImageSource],
+    targets: Mapping[str, torch.Tensor],
+    config: DistillConfig,
+    world: World,
+    first_step: int,
+    total_steps: int,
+) -> DataLoader:
+    return DataLoader(
+        DistillSamples(sources, targets, config.image_size),
+        batch_sampler=StepBatches(config, len(sources), world, first_step, total_steps),
+        num_workers=config.loader_workers,
+        pin_memory=world.device.type == "cuda",
+    )
 
 
 def _batch_norm_buffers(model: nn.Module) -> list[torch.Tensor]:
@@ -134,9 +201,12 @@ NOT_IN_IDENTITY = (
     "shard_size",
     "checkpoint_every",
     "eval_prompts_per_image",
+    "loader_workers",
+    "process_group_timeout_minutes",
 )
 """Fields that do not change the weights by themselves: paths and counts that the sha256 and the
-image digest stand for, where files go, how often a state is saved, and the evaluation."""
+image digest stand for, where files go, how often a state is saved, the evaluation, and how the
+work is spread (loader workers, collective timeout)."""
 
 
 def state_identity(config: DistillConfig, sources: list[ImageSource], teacher_sha256: str | None) -> dict[str, Any]:
@@ -153,7 +223,7 @@ def state_identity(config: DistillConfig, sources: list[ImageSource], teacher_sh
 def train_student(
     student: nn.Module,
     sources: list[ImageSource],
-    targets: dict[str, torch.Tensor],
+    targets: Mapping[str, torch.Tensor],
     config: DistillConfig,
     out_dir: Path,
     world: World | None = None,
@@ -197,17 +267,17 @@ def train_student(
         total=total_steps, initial=step, desc="distill", unit="step", disable=not world.is_main, dynamic_ncols=True
     )
     buffers = _batch_norm_buffers(student)
+    batches = iter(_loader(sources, targets, config, world, step, total_steps))
     while step < total_steps:
         optimizer.zero_grad(set_to_none=True)
         before = [b.clone() for b in buffers]
         after = [torch.zeros_like(b, dtype=torch.float64) for b in buffers]
         step_loss = torch.zeros((), dtype=torch.float64, device=world.device)
-        micro = micro_batches(config, len(sources), step, world, steps_per_epoch)
-        for index, indices in enumerate(micro):
+        micro = [next(batches) for _ in range(config.accumulation)]
+        for index, (images, target) in enumerate(micro):
             for buffer, saved in zip(buffers, before, strict=True):
                 buffer.copy_(saved)
-            images = torch.stack([prepare_for_encoder(sources[i].read_rgb(), config.image_size) for i in indices])
-            target = torch.stack([targets[sources[i].key] for i in indices]).to(world.device, torch.float32)
+            target = target.to(world.device)
             last = index == len(micro) - 1
             sync = contextlib.nullcontext() if last or world.size == 1 else model.no_sync()
             with sync:
@@ -240,6 +310,7 @@ def train_student(
             _save_state(out_dir / STATE_NAME, identity, student, optimizer, schedule, step, world)
         if stop_after_steps is not None and step - start_step >= stop_after_steps:
             break
+    del batches  # stops the workers
     progress.close()
     elapsed = time.perf_counter() - start_time
     if world.is_main:

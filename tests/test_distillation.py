@@ -21,7 +21,14 @@ import torch
 from distillation.config import DistillConfig, load_distill_config
 from distillation.data import discover_images
 from distillation.models import build_student, load_teacher
-from distillation.teacher_cache import INDEX_NAME, build_teacher_cache, load_teacher_cache
+from distillation.teacher_cache import (
+    INDEX_NAME,
+    build_teacher_cache,
+    load_teacher_cache,
+    plan_shards,
+    share_of,
+    verify_teacher_cache,
+)
 from distillation.train import STATE_NAME, STUDENT_NAME, learning_rate_factor
 from pipeline.errors import ConfigError, PipelineError
 
@@ -55,16 +62,19 @@ batch_size = 4
 learning_rate = 2e-3
 warmup_steps = 2
 checkpoint_every = 2
-shard_size = 4
+shard_size = 2
+loader_workers = 0
 """
     )
     return path
 
 
-def _distill(config_file: Path, out: Path, cache: Path, *extra: str, processes: int = 1, wait: bool = True):
+def _distill(
+    config_file: Path, out: Path, cache: Path, *extra: str, processes: int = 1, wait: bool = True, command="run"
+):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    arguments = ["-m", "distillation", "run", "--config", str(config_file), "--out", str(out)]
-    arguments += ["--cache-dir", str(cache), "--no-eval", *extra]
+    arguments = ["-m", "distillation", command, "--config", str(config_file), "--out", str(out)]
+    arguments += ["--cache-dir", str(cache), *(["--no-eval"] if command == "run" else []), *extra]
     if processes > 1:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -87,16 +97,9 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory, config_file) -> Path:
+    """The cache made by one process with one thread (as each torchrun rank has)."""
     cache = tmp_path_factory.mktemp("cache")
-    out = tmp_path_factory.mktemp("cache_run")
-    command = ["-m", "distillation", "cache", "--config", str(config_file), "--out", str(out)]
-    subprocess.run(
-        [sys.executable, *command, "--cache-dir", str(cache)],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        check=True,
-        capture_output=True,
-    )
+    _distill(config_file, tmp_path_factory.mktemp("cache_run"), cache, command="cache")
     return cache
 
 
@@ -110,28 +113,101 @@ def uninterrupted(tmp_path_factory, config_file, shared_cache) -> Path:
 def test_teacher_cache_resumes_and_checks_checksums(image_folder, tmp_path):
     sources = discover_images(image_folder)[:10]
     teacher, description, _ = load_teacher("vit_b", None, IMAGE_SIZE, seed=0)
-    first = build_teacher_cache(teacher.image_encoder, description, sources, tmp_path, IMAGE_SIZE, shard_size=4)
+    first = build_teacher_cache(teacher.image_encoder, description, sources, tmp_path, IMAGE_SIZE, shard_size=3)
     assert (first.computed, first.reused) == (10, 0)
-    embeddings = load_teacher_cache(tmp_path)
+    embeddings = {key: value.clone() for key, value in load_teacher_cache(tmp_path).items()}
     assert set(embeddings) == {s.key for s in sources}
     assert embeddings[sources[0].key].shape == (256, IMAGE_SIZE // 16, IMAGE_SIZE // 16)
     index = json.loads((tmp_path / INDEX_NAME).read_text())
-    assert [len(s["keys"]) for s in index["shards"]] == [4, 4, 2]
-    # an interruption lost the last shard, and a bit flipped in the first: only those are redone
-    (tmp_path / index["shards"][2]["file"]).unlink()
+    assert [key for shard in index["shards"] for key in shard["keys"]] == [s.key for s in sources]
+    assert len(index["shards"]) >= 3
+    sizes = [len(shard["keys"]) for shard in index["shards"]]
+    assert verify_teacher_cache(tmp_path) == []
+    # an interruption lost one shard, and a bit flipped in another: only those are redone
+    (tmp_path / index["shards"][-1]["file"]).unlink()
     damaged = tmp_path / index["shards"][0]["file"]
     data = bytearray(damaged.read_bytes())
     data[-10] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    with pytest.raises(PipelineError, match="checksum"):
-        load_teacher_cache(tmp_path)
-    second = build_teacher_cache(teacher.image_encoder, description, sources, tmp_path, IMAGE_SIZE, shard_size=4)
-    assert (second.computed, second.reused) == (6, 4)
+    assert verify_teacher_cache(tmp_path) == sorted([index["shards"][0]["file"], index["shards"][-1]["file"]])
+    with pytest.raises(PipelineError, match="missing"):
+        load_teacher_cache(tmp_path)[sources[-1].key]
+    second = build_teacher_cache(teacher.image_encoder, description, sources, tmp_path, IMAGE_SIZE, shard_size=3)
+    assert (second.computed, second.reused) == (sizes[0] + sizes[-1], 10 - sizes[0] - sizes[-1])
     again = load_teacher_cache(tmp_path)
     for key, value in embeddings.items():
-        torch.testing.assert_close(again[key], value)
-    third = build_teacher_cache(teacher.image_encoder, description, sources, tmp_path, IMAGE_SIZE, shard_size=4)
+        torch.testing.assert_close(again[key], value, rtol=0, atol=0)
+    third = build_teacher_cache(teacher.image_encoder, description, sources, tmp_path, IMAGE_SIZE, shard_size=3)
     assert (third.computed, third.reused) == (0, 10)
+
+
+def test_shard_keys_survive_inserting_a_photo(image_folder, tmp_path):
+    """Shards are cut by the keys' content: a new photo changes only the shard it falls in (which
+    becomes two when the new key is itself a boundary); every other shard is kept."""
+    keys = [f"sa_{number:06d}.jpg" for number in range(2000)]
+    before = plan_shards(keys, 8)
+    after = plan_shards(sorted([*keys, "sa_000500b.jpg"]), 8)
+    assert 2000 / 16 < len(before) < 2000 / 4  # about shard_size photos per shard
+    assert len(set(before) - set(after)) == 1  # only the shard it fell in is redone (perhaps as two)
+    assert sum(map(len, set(after) - set(before))) == len(next(iter(set(before) - set(after)))) + 1
+    # on disk: the cache of 8 photos, then a 9th inserted in the middle of the sorted list
+    photos = sorted(image_folder.iterdir())
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in photos[:8]:
+        (folder / photo.name).symlink_to(photo.resolve())
+    teacher, description, _ = load_teacher("vit_b", None, IMAGE_SIZE, seed=0)
+    cache = tmp_path / "cache"
+    first = discover_images(folder)
+    build_teacher_cache(teacher.image_encoder, description, first, cache, IMAGE_SIZE, shard_size=2)
+    (folder / (photos[4].stem + "_copy.jpg")).symlink_to(photos[9].resolve())
+    sources = discover_images(folder)
+    redone = set(plan_shards([s.key for s in first], 2)) - set(plan_shards([s.key for s in sources], 2))
+    assert len(redone) == 1
+    result = build_teacher_cache(teacher.image_encoder, description, sources, cache, IMAGE_SIZE, shard_size=2)
+    assert (result.computed, result.reused) == (len(next(iter(redone))) + 1, 8 - len(next(iter(redone))))
+
+
+def test_two_ranks_build_the_same_cache_as_one(tmp_path, config_file, shared_cache):
+    """torchrun with 2 gloo processes: each embeds its share, rank 0 merges one index; the index
+    and every embedding equal the one-process cache (shared_cache), bit for bit."""
+    output = _distill(config_file, tmp_path / "out", tmp_path / "cache", processes=2, command="cache")
+    assert "by 2 process(es)" in output
+    report = json.loads((tmp_path / "out" / "cache_report.json").read_text())
+    assert (report["computed"], report["world_size"]) == (12, 2)
+    assert (tmp_path / "cache" / INDEX_NAME).read_text() == (shared_cache / INDEX_NAME).read_text()
+    two, one = load_teacher_cache(tmp_path / "cache"), load_teacher_cache(shared_cache)
+    assert list(two) == list(one)
+    for key in one:
+        assert torch.equal(two[key], one[key]), key
+    assert "every shard matches" in _distill(config_file, tmp_path / "out", tmp_path / "cache", command="verify")
+
+
+def test_shares_are_disjoint_and_balanced():
+    sizes = [5, 1, 3, 8, 2, 2, 7]
+    shares = [share_of(sizes, rank, 3) for rank in range(3)]
+    assert sorted(i for share in shares for i in share) == list(range(len(sizes)))
+    loads = [sum(sizes[i] for i in share) for share in shares]
+    assert max(loads) - min(loads) <= max(sizes) // 2
+
+
+def test_a_killed_cache_job_resumes(tmp_path, config_file, shared_cache):
+    """SIGKILL once the first shard's record is written; the rerun embeds only what is missing
+    and ends with the uninterrupted cache."""
+    cache = tmp_path / "cache"
+    process = _distill(config_file, tmp_path / "out", cache, command="cache", wait=False)
+    deadline = time.time() + 300
+    while not list(cache.glob("shard_*.json")):
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (cache / INDEX_NAME).exists()  # it died before finishing
+    _distill(config_file, tmp_path / "out", cache, command="cache")
+    report = json.loads((tmp_path / "out" / "cache_report.json").read_text())
+    assert report["reused"] >= 1 and report["computed"] + report["reused"] == 12
+    assert (cache / INDEX_NAME).read_text() == (shared_cache / INDEX_NAME).read_text()
 
 
 def test_sa1b_tars_are_read(image_folder, tmp_path):
@@ -183,6 +259,16 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, config_fi
     resumed, reference = _weights(out), _weights(uninterrupted)
     for key, value in reference.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_loader_workers_give_the_same_weights(tmp_path, config_file, shared_cache, uninterrupted):
+    """Two DataLoader workers decode photos and read embeddings ahead: same batches, same order,
+    so the same weights bit for bit as the uninterrupted run without workers."""
+    out = tmp_path / "workers"
+    _distill(config_file, out, shared_cache, "--loader-workers", "2")
+    with_workers, reference = _weights(out), _weights(uninterrupted)
+    for key, value in reference.items():
+        torch.testing.assert_close(with_workers[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_student_checkpoint_goes_through_convert(uninterrupted, tmp_path):
