@@ -46,7 +46,8 @@ def distill(session: nox.Session) -> None:
     Without --teacher-checkpoint it runs the smoke config (distillation/configs/smoke.toml): a
     seeded random ViT-B teacher at 256 px on the sample photos in pipeline/sample_photos, and says so. Options
     after `--`: --config FILE, --teacher-checkpoint PATH, --teacher-type, --images DIR, --out DIR,
-    --epochs, --batch-size, --accumulation, --checkpoint-every, --max-images. Several processes:
+    --epochs, --batch-size, --accumulation, --checkpoint-every, --max-images, --image-size, --shard-size,
+    --loader-workers. The cache alone: `python -m distillation cache|verify ...`. Several processes:
     `torchrun --nproc_per_node N -m distillation run ...` in the session's environment.
     """
     install_project(session, "distill")

@@ -1,24 +1,89 @@
-"""Throughput of the distill stage on this machine: teacher caching and student training steps.
+"""Throughput of the distill stage: how it scales over processes, and what the paper's run costs.
 
-Prints images/s for the teacher encoder (embedding cache) and for a full student training step
-(forward, MSE, backward, AdamW) at the given image size, and what that means for the paper's
-run: 1% of SA-1B (about 110k images) cached once, then 8 epochs of training.
+1. Scaling (the real CLI under torchrun, gloo, one thread per process): the teacher cache and
+   the training steps with 1 and 2 processes on the shipped sample photos, seeded random ViT-B
+   teacher at `--scaling-size`. Ratios of wall times (cache phase as the command reports it,
+   and the whole command with start-up).
+2. Per-image rates at 1024 (the paper's size) on `--device`: the teacher's embedding and a full
+   student training step (forward, MSE, backward, AdamW; bf16 autocast on a GPU).
+3. The paper's run (1% of SA-1B, about 110k photos, 8 epochs) extrapolated from 2 with the
+   scaling efficiency of 1.
 
-    PYTHONPATH=. python benchmarks/distill_throughput.py [--teacher vit_h] [--size 1024] [--device cuda]
+    PYTHONPATH=. python benchmarks/distill_throughput.py [--out DIR] [--teacher vit_h] [--device cuda]
+
+Writes DIR/distill_throughput.json and .md (default benchmarks/out/).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from distillation.models import build_student, load_teacher
 
+REPO = Path(__file__).resolve().parents[1]
 PAPER_IMAGES = 110_000  # 1% of SA-1B's 11M images
 PAPER_EPOCHS = 8
+SMOKE_CONFIG = REPO / "distillation" / "configs" / "smoke.toml"
+
+
+@dataclass(frozen=True)
+class ScalingRun:
+    phase: str
+    processes: int
+    phase_seconds: float
+    command_seconds: float
+    images: int
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.phase_seconds
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _cli(processes: int, arguments: list[str]) -> float:
+    """Run `python -m distillation ...` (under torchrun for several processes); its wall time."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
+    command = [sys.executable, *launcher, "-m", "distillation", *arguments]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def scaling(work: Path, size: int, epochs: int) -> list[ScalingRun]:
+    runs = []
+    common = ["--config", str(SMOKE_CONFIG), "--image-size", str(size), "--shard-size", "1"]
+    for processes in (1, 2):
+        out, cache = work / f"p{processes}", work / f"p{processes}" / "cache"
+        seconds = _cli(processes, ["cache", *common, "--out", str(out), "--cache-dir", str(cache)])
+        report = json.loads((out / "cache_report.json").read_text())
+        runs.append(ScalingRun("teacher cache", processes, report["seconds"], seconds, report["computed"]))
+        train = ["run", *common, "--out", str(out), "--cache-dir", str(cache), "--no-eval", "--epochs", str(epochs)]
+        train += ["--batch-size", "4", "--accumulation", str(2 // processes), "--loader-workers", "1"]
+        seconds = _cli(processes, train)
+        training = json.loads((out / "distill_report.json").read_text())["training"]
+        images = (training["steps"] - training["resumed_from_step"]) * 4
+        runs.append(ScalingRun("training", processes, training["seconds"], seconds, images))
+    return runs
 
 
 def _sync(device: torch.device) -> None:
@@ -36,30 +101,20 @@ def images_per_second(run, batch: int, repeats: int, device: torch.device) -> fl
     return batch * repeats / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--teacher", default="vit_b", choices=("vit_b", "vit_l", "vit_h"))
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    device = torch.device(args.device)
+def paper_size_rates(teacher_type: str, size: int, batch: int, repeats: int, device: torch.device) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
-
-    teacher, _, _ = load_teacher(args.teacher, None, args.size, seed=0)
+    images = torch.randn(batch, 3, size, size, device=device)
+    teacher, _, _ = load_teacher(teacher_type, None, size, seed=0)
     encoder = teacher.image_encoder.to(device)
 
     def cache_step() -> None:
         with torch.no_grad(), autocast:
             encoder(images)
 
-    cache_rate = images_per_second(cache_step, args.batch, args.repeats, device)
-
-    student = build_student("tiny_vit", args.size, seed=0).to(device).train()
+    cache_rate = images_per_second(cache_step, batch, repeats, device)
+    student = build_student("tiny_vit", size, seed=0).to(device).train()
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
-    target = torch.randn(args.batch, 256, args.size // 16, args.size // 16, device=device)
+    target = torch.randn(batch, 256, size // 16, size // 16, device=device)
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -68,17 +123,89 @@ def main() -> None:
         torch.nn.functional.mse_loss(prediction.float(), target).backward()
         optimizer.step()
 
-    train_rate = images_per_second(train_step, args.batch, args.repeats, device)
-    cache_hours = PAPER_IMAGES / cache_rate / 3600
-    train_hours = PAPER_IMAGES * PAPER_EPOCHS / train_rate / 3600
+    train_rate = images_per_second(train_step, batch, repeats, device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {where}; image size {args.size}; batch {args.batch}")
-    print(f"teacher {args.teacher} embedding cache: {cache_rate:.3f} images/s")
-    print(f"student TinyViT training step: {train_rate:.3f} images/s")
-    print(
-        f"paper run (1% SA-1B = {PAPER_IMAGES} images, {PAPER_EPOCHS} epochs) on this device: cache "
-        f"{cache_hours:.1f} h + training {train_hours:.1f} h = {cache_hours + train_hours:.1f} h"
+    return {"device": where, "size": size, "teacher": teacher_type, "cache_rate": cache_rate, "train_rate": train_rate}
+
+
+def paper_hours(cache_rate: float, train_rate: float, processes: int, cache_eff: float, train_eff: float) -> dict:
+    cache = PAPER_IMAGES / (cache_rate * processes * cache_eff) / 3600
+    train = PAPER_IMAGES * PAPER_EPOCHS / (train_rate * processes * train_eff) / 3600
+    return {"processes": processes, "cache_hours": cache, "train_hours": train, "total_hours": cache + train}
+
+
+def markdown(runs: list[ScalingRun], ratios: dict, rates: dict, extrapolation: list[dict], size: int) -> str:
+    lines = [
+        "# Distill throughput",
+        "",
+        f"## Scaling: `torchrun -m distillation`, gloo, 1 thread per process, ViT-B teacher at {size} px",
+        "",
+        "| phase | processes | images | phase s | images/s | command s (with start-up) |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.phase} | {r.processes} | {r.images} | {r.phase_seconds:.1f} | {r.images_per_second:.2f} "
+        f"| {r.command_seconds:.1f} |"
+        for r in runs
+    ]
+    lines += ["", "2 processes / 1 process, wall time (goal for the cache: <= 0.65x):", ""]
+    lines += [f"- {phase}: **{value:.2f}x**" for phase, value in ratios.items()]
+    lines += [
+        "",
+        f"## Per-image rates at {rates['size']} px on {rates['device']}",
+        "",
+        f"- teacher {rates['teacher']} embedding: {rates['cache_rate']:.3f} images/s",
+        f"- TinyViT training step: {rates['train_rate']:.3f} images/s",
+        "",
+        f"## The paper's run ({PAPER_IMAGES} photos cached once, {PAPER_EPOCHS} epochs), extrapolated",
+        "",
+        "| processes like this one | cache h | training h | total h |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {e['processes']} | {e['cache_hours']:.1f} | {e['train_hours']:.1f} | {e['total_hours']:.1f} |"
+        for e in extrapolation
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out")
+    parser.add_argument("--teacher", default="vit_b", choices=("vit_b", "vit_l", "vit_h"))
+    parser.add_argument("--size", type=int, default=1024, help="image size of the per-image rates")
+    parser.add_argument("--scaling-size", type=int, default=512, help="image size of the scaling runs")
+    parser.add_argument("--scaling-epochs", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="distill_scaling_") as work:
+        runs = scaling(Path(work), args.scaling_size, args.scaling_epochs)
+    by = {(r.phase, r.processes): r for r in runs}
+    ratios = {
+        phase: by[(phase, 2)].phase_seconds / by[(phase, 1)].phase_seconds for phase in ("teacher cache", "training")
+    }
+    ratios["teacher cache, whole command"] = (
+        by[("teacher cache", 2)].command_seconds / by[("teacher cache", 1)].command_seconds
     )
+    rates = paper_size_rates(args.teacher, args.size, args.batch, args.repeats, torch.device(args.device))
+    cache_eff, train_eff = 0.5 / ratios["teacher cache"], 0.5 / ratios["training"]
+    extrapolation = [paper_hours(rates["cache_rate"], rates["train_rate"], 1, 1.0, 1.0)]
+    extrapolation += [paper_hours(rates["cache_rate"], rates["train_rate"], n, cache_eff, train_eff) for n in (2, 8)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "scaling": [{**asdict(r), "images_per_second": r.images_per_second} for r in runs],
+        "ratios_two_over_one": ratios,
+        "scaling_efficiency": {"teacher cache": cache_eff, "training": train_eff},
+        "per_image_rates": rates,
+        "paper_run": extrapolation,
+    }
+    (args.out / "distill_throughput.json").write_text(json.dumps(payload, indent=2) + "\n")
+    text = markdown(runs, ratios, rates, extrapolation, args.scaling_size)
+    (args.out / "distill_throughput.md").write_text(text)
+    print(text)
+    print(f"wrote {args.out / 'distill_throughput.json'} and {args.out / 'distill_throughput.md'}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--accumulation", type=int)
     parser.add_argument("--checkpoint-every", type=int)
     parser.add_argument("--max-images", type=int)
+    parser.add_argument("--image-size", type=int, help="1024 with a real teacher; smaller for smoke runs")
     parser.add_argument("--shard-size", type=int)
     parser.add_argument("--loader-workers", type=int, help="DataLoader worker processes per rank")
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation (tests)")
@@ -64,6 +65,7 @@ def _config(args: argparse.Namespace) -> DistillConfig:
             "accumulation",
             "checkpoint_every",
             "max_images",
+            "image_size",
             "shard_size",
             "loader_workers",
         )

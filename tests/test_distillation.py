@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -283,6 +284,11 @@ def test_student_checkpoint_goes_through_convert(uninterrupted, tmp_path):
     assert student.keys() == encoder.keys()
     for key, value in student.items():
         torch.testing.assert_close(encoder[key], value, rtol=0, atol=0, msg=key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from mobile_sam import sam_model_registry  # upstream MobileSAM (mobilesam-mirror)
+    upstream = sam_model_registry["vit_t"]()
+    upstream.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True), strict=True)
     config = RunConfig(checkpoint=checkpoint, precisions=("fp16",), out_dir=tmp_path)
     manifest = read_manifest(convert_target("coreml", config))
     assert len(manifest.artifacts) == 2 and manifest.weights["sha256"] == source.sha256
