@@ -1,5 +1,5 @@
 """Sessions: distill, convert_coreml, convert_executorch, convert_executorch_coreml, convert_tflite, validate,
-selftest, benchmark, tests, lint (see README).
+selftest, benchmark, segment_everything, tests, lint (see README).
 
 Environments are reused and dependencies are installed only when pyproject.toml changes, so a
 second run of any session starts in seconds instead of reinstalling torch.
@@ -136,6 +136,18 @@ def benchmark(session: nox.Session) -> None:
     """
     install_project(session, "validate")
     session.run("python", "-m", "validation.benchmark", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def segment_everything(session: nox.Session) -> None:
+    """Segment everything in one photo with a target's encoder and batched decoder files.
+
+    Options after `--`: --out CONVERT_OUT --target T [--precision P] --image PHOTO --result DIR
+    [--checkpoint W] [--points-per-side K] [--pred-iou-thresh X] [--stability-score-thresh Y]
+    [--box-nms-thresh Z] [--compare-pytorch]. Writes DIR/masks.json, DIR/overlay.png, DIR/summary.json.
+    """
+    install_project(session, "validate")
+    session.run("python", "-m", "validation.segment_everything", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -7,7 +7,6 @@ from importlib import import_module
 from pathlib import Path
 
 from mobile_targets.base import Runner, Target
-from pipeline.contract import contract_for
 from pipeline.errors import PipelineError
 from pipeline.manifest import ArtifactRecord, Manifest, verify_artifact
 
@@ -50,6 +49,6 @@ def load_artifact_runner(
     (the selftest session runs the vectors whatever the hash says: that is the check a device
     repeats, where no manifest travels)."""
     path = verify_artifact(manifest_path, record, check_sha256)
-    contract = contract_for(record.part, manifest.config["num_points"])
+    contract = manifest.contract(record.part)
     options = manifest.config.get("target_options", {}).get(record.target, {})
     return get_target(record.target).with_options(options).load_runner(path, contract, threads=threads)

@@ -22,7 +22,7 @@ from mobile_targets import check_target_options, get_target
 from mobile_targets.base import PartToConvert, Runner, Target
 from pipeline.checkpoints import WeightsSource, load_model
 from pipeline.config import RunConfig
-from pipeline.contract import decoder_contract, encoder_contract
+from pipeline.contract import decoder_contract, encoder_contract, file_stem
 from pipeline.datasets import CocoPhotos, Photos
 from pipeline.errors import ArtifactError, ConfigError, one_line
 from pipeline.files import atomic_produce, sha256_file
@@ -39,7 +39,7 @@ from pipeline.manifest import (
 )
 from pipeline.metrics import max_abs_error, psnr_db, require_finite
 from pipeline.model import describe_architecture
-from pipeline.predictor import ReferencePredictor
+from pipeline.predictor import ReferencePredictor, stack_prompts
 from pipeline.processing import Prompt
 from pipeline.selftest import SelftestCase, run_vectors, selftest_path, write_vectors
 
@@ -80,8 +80,8 @@ def example_prompts(photos: Photos, image_id: int, image_shape: tuple[int, ...],
 
 
 def build_parts(config: RunConfig, sam: torch.nn.Module, photos: Photos) -> list[PartToConvert]:
-    """Both export wrappers with example inputs and self-test vectors from the first photo,
-    encoded once by the PyTorch reference."""
+    """The export wrappers (encoder, decoder, and the batched decoder unless batch_prompts is 0)
+    with example inputs and self-test vectors from the first photo, encoded once by PyTorch."""
     reference = ReferencePredictor(sam, config.num_points)
     contract = decoder_contract(config.num_points)
     image_id = photos.image_ids()[0]
@@ -91,7 +91,7 @@ def build_parts(config: RunConfig, sam: torch.nn.Module, photos: Photos) -> list
     named = reference.decoder_inputs(prompts[0])
     encoder_selftest, decoder_selftest = selftest_cases(reference, prompts[0])
     architecture = describe_architecture(config.model_type)
-    return [
+    parts = [
         PartToConvert(
             reference.encoder_module, encoder_contract(), (torch.from_numpy(reference.prepared.image),),
             architecture=architecture, selftest=encoder_selftest,
@@ -101,6 +101,36 @@ def build_parts(config: RunConfig, sam: torch.nn.Module, photos: Photos) -> list
             architecture=architecture, selftest=decoder_selftest,
         ),
     ]  # fmt: skip
+    if config.batch_prompts:
+        batched = decoder_contract(config.num_points, config.batch_prompts)
+        case = batched_selftest_case(reference, decoder_selftest, config.batch_prompts)
+        parts.append(
+            PartToConvert(
+                reference.decoder_module,
+                batched,
+                tuple(torch.from_numpy(case.inputs[name]) for name in batched.input_names),
+                architecture=architecture,
+                selftest=(case,),
+            )
+        )
+    return parts
+
+
+def batched_selftest_case(
+    reference: ReferencePredictor, decoder_cases: tuple[SelftestCase, ...], batch: int
+) -> SelftestCase:
+    """One batched call on the photo `reference` holds: the one-prompt vectors (point, box,
+    box+point, refinement) in the first rows, then segment-everything's grid points (one
+    foreground point each) in the rest. Expected: PyTorch fp32 on the whole batch."""
+    height, width = reference.prepared.original_size
+    side = max(1, int(np.ceil(np.sqrt(batch))))
+    grid = [(width * (i + 0.5) / side, height * (j + 0.5) / side) for j in range(side) for i in range(side)]
+    rows = [case.inputs for case in decoder_cases][:batch]
+    for x, y in grid[: batch - len(rows)]:
+        point = Prompt(points=np.array([[x, y]], dtype=np.float32), labels=np.array([1.0], dtype=np.float32))
+        rows.append(reference.decoder_inputs(point))
+    inputs = stack_prompts(rows, batch)
+    return SelftestCase("grid", inputs, reference.decoder.run(inputs))  # the wrapper is batch-generic
 
 
 SELFTEST_DECODER_KINDS = ("point", "box", "box_point", "refine")
@@ -296,7 +326,7 @@ def convert_target(target_name: str, config: RunConfig, photos: Photos | None = 
     keeper = ManifestKeeper(out, target, weights, config)
     for part in parts:
         for precision in precisions:
-            path = out / f"{part.name}_{precision}{target.extension}"
+            path = out / f"{file_stem(part.contract)}_{precision}{target.extension}"
             log.info("converting %s to %s %s", part.name, target.name, precision)
             try:
                 details = convert_one(target, part, precision, path)

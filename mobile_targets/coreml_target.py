@@ -24,7 +24,17 @@ import torch
 
 from mobile_targets.base import PartToConvert, Runner, Target
 from pipeline.config import parse_bool
-from pipeline.contract import IMAGE_SIZE, LABEL_MEANINGS, PADDING_RULE, PIXEL_MEAN, PIXEL_STD, PartContract
+from pipeline.contract import (
+    BATCHED_DECODER,
+    DECODER,
+    DECODER_PARTS,
+    IMAGE_SIZE,
+    LABEL_MEANINGS,
+    PADDING_RULE,
+    PIXEL_MEAN,
+    PIXEL_STD,
+    PartContract,
+)
 from pipeline.errors import ArtifactError, ConfigError, PipelineError
 
 DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
@@ -192,8 +202,11 @@ def add_metadata(model: Any, part: PartToConvert, precision: str, options: CoreM
     contract = part.contract
     what = {
         "image_encoder": f"{part.architecture}: image encoder, a 1024x1024 RGB image to a 256x64x64 embedding.",
-        "prompt_decoder": f"{part.architecture}: SAM prompt encoder + mask decoder, an image embedding and "
+        DECODER: f"{part.architecture}: SAM prompt encoder + mask decoder, an image embedding and "
         "point/box prompts to four low-resolution mask logits and their predicted IoU.",
+        BATCHED_DECODER: f"{part.architecture}: SAM prompt encoder + mask decoder, batched: an image embedding "
+        "and B prompts (one per row) to four low-resolution mask logits and their predicted IoU per prompt "
+        "(segment everything).",
     }[contract.part]
     model.short_description = f"{what} {describe_precision(precision, options)}."
     model.author = "mobilesam-mobile pipeline; model: MobileSAM (Zhang et al. 2023) and Segment Anything (Meta AI)"
@@ -217,7 +230,7 @@ def add_metadata(model: Any, part: PartToConvert, precision: str, options: CoreM
         "com.github.mobilesam-mobile.contract": json.dumps(contract.to_json(), separators=(",", ":")),
         "com.github.mobilesam-mobile.padding_rule": PADDING_RULE,
     }
-    if contract.part == "prompt_decoder":
+    if contract.part in DECODER_PARTS:
         metadata["com.github.mobilesam-mobile.num_points"] = str(contract.spec("point_coords").shape[1])
         metadata["com.github.mobilesam-mobile.point_labels"] = json.dumps(LABEL_MEANINGS)
         metadata["com.github.mobilesam-mobile.coordinate_frame"] = (

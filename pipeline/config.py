@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.contract import DEFAULT_NUM_POINTS
+from pipeline.contract import DEFAULT_BATCH_PROMPTS, DEFAULT_NUM_POINTS
 from pipeline.errors import ConfigError
 from pipeline.model import MODEL_TYPES, STUDENT_TYPE
 
@@ -33,6 +33,8 @@ class RunConfig:
     weights_seed: int = 0
     """Seed of the random weights used without a checkpoint (never the prompts' seed)."""
     num_points: int = DEFAULT_NUM_POINTS
+    batch_prompts: int = DEFAULT_BATCH_PROMPTS
+    """B of the batched decoder (`prompt_decoder_b<B>` files, segment everything); 0: none."""
     targets: tuple[str, ...] = ()
     precisions: tuple[str, ...] = DEFAULT_PRECISIONS
     out_dir: Path = Path("artifacts")
@@ -47,6 +49,10 @@ class RunConfig:
             raise ConfigError(f"model_type {self.model_type!r} is unknown; expected one of {', '.join(MODEL_TYPES)}")
         if not isinstance(self.num_points, int) or not 2 <= self.num_points <= 64:
             raise ConfigError(f"num_points must be an integer in 2..64, got {self.num_points!r}")
+        if not isinstance(self.batch_prompts, int) or not 0 <= self.batch_prompts <= 256:
+            raise ConfigError(
+                f"batch_prompts must be an integer in 0..256 (0: no batched decoder), got {self.batch_prompts!r}"
+            )
         unknown = [p for p in self.precisions if p not in PRECISIONS]
         if unknown:
             raise ConfigError(f"unknown precisions {unknown}; expected some of {', '.join(PRECISIONS)}")
@@ -59,6 +65,7 @@ class RunConfig:
             "checkpoint": None if self.checkpoint is None else str(self.checkpoint),
             "weights_seed": self.weights_seed,
             "num_points": self.num_points,
+            "batch_prompts": self.batch_prompts,
             "targets": list(self.targets),
             "precisions": list(self.precisions),
             "out_dir": str(self.out_dir),
@@ -169,6 +176,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, convert: bool = True) -> 
         return
     parser.add_argument("--num-points", type=int, help="prompt slots N of the exported decoder")
     parser.add_argument(
+        "--batch-prompts", type=int, help="B of the batched decoder (default 64; 0: no batched decoder)"
+    )
+    parser.add_argument(
         "--weights-seed", type=int, help="seed of the random weights used without a checkpoint (default 0)"
     )
     parser.add_argument(
@@ -186,6 +196,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "checkpoint": args.checkpoint,
         "out_dir": args.out,
         "num_points": getattr(args, "num_points", None),
+        "batch_prompts": getattr(args, "batch_prompts", None),
         "weights_seed": getattr(args, "weights_seed", None),
     }
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})

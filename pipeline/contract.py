@@ -24,6 +24,15 @@ NUM_MASK_OUTPUTS = 4
 
 DEFAULT_NUM_POINTS = 5
 
+DEFAULT_BATCH_PROMPTS = 64
+"""B of the batched decoder: prompts decoded against one image embedding in one call (64 is
+segment-anything's automatic mask generator's points_per_batch)."""
+
+ENCODER = "image_encoder"
+DECODER = "prompt_decoder"
+BATCHED_DECODER = "prompt_decoder_batched"
+DECODER_PARTS = (DECODER, BATCHED_DECODER)
+
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -110,63 +119,92 @@ def encoder_contract() -> PartContract:
     )
 
 
-def decoder_contract(num_points: int = DEFAULT_NUM_POINTS) -> PartContract:
+def decoder_contract(num_points: int = DEFAULT_NUM_POINTS, batch: int | None = None) -> PartContract:
+    """The one-prompt decoder (`batch` None), or the batched decoder: `batch` prompts in one call."""
     if num_points < 2:
         raise ValueError(f"num_points must be at least 2 (a box takes two), got {num_points}")
+    if batch is not None and batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
     labels = ", ".join(f"{value} {name}" for value, name in LABEL_MEANINGS.items())
+    b = 1 if batch is None else batch
+    per = "" if batch is None else "; one row per prompt"
+    notes = [
+        f"N = {num_points} point slots, fixed at export time.",
+        "The graph appends one padding slot and masks every padding token but the first "
+        "out of attention (all of them when a box is present), so any k <= N prompt slots "
+        "give SamPredictor's answer: k points plus one padding token, or points plus box.",
+        "Masks are logits: threshold at 0. Upscale 256 -> 1024, crop to the resized "
+        "image, then resize to the original size.",
+    ]
+    if batch is not None:
+        notes.insert(
+            0,
+            f"B = {batch} prompts against one image embedding per call, fixed at export time; each row "
+            "is answered exactly as the one-prompt decoder answers it alone. Fill unused rows with a "
+            "copy of any used row and ignore their outputs.",
+        )
     return PartContract(
-        part="prompt_decoder",
+        part=DECODER if batch is None else BATCHED_DECODER,
         inputs=(
             TensorSpec("image_embeddings", EMBEDDING_SHAPE, "float32", "encoder output"),
             TensorSpec(
                 "point_coords",
-                (1, num_points, 2),
+                (b, num_points, 2),
                 "float32",
-                "x, y in the 1024 frame of the resized image; a box is two points",
+                f"x, y in the 1024 frame of the resized image; a box is two points{per}",
             ),
             TensorSpec(
                 "point_labels",
-                (1, num_points),
+                (b, num_points),
                 "float32",
                 f"{labels}; unused slots are padding with coords 0, 0",
             ),
             TensorSpec(
                 "mask_input",
-                (1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE),
+                (b, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE),
                 "float32",
                 "low-res mask logits from an earlier prediction, or zeros",
             ),
-            TensorSpec("has_mask_input", (1,), "float32", "1 to use mask_input, 0 to ignore it"),
+            TensorSpec("has_mask_input", (b,), "float32", "1 to use mask_input, 0 to ignore it"),
         ),
         outputs=(
             TensorSpec(
                 "low_res_masks",
-                (1, NUM_MASK_OUTPUTS, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE),
+                (b, NUM_MASK_OUTPUTS, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE),
                 "float32",
                 "mask logits; index 0 single-mask output, 1..3 multimask outputs",
             ),
             TensorSpec(
                 "iou_predictions",
-                (1, NUM_MASK_OUTPUTS),
+                (b, NUM_MASK_OUTPUTS),
                 "float32",
                 "predicted IoU of each of the four masks",
             ),
         ),
-        notes=(
-            f"N = {num_points} point slots, fixed at export time.",
-            "The graph appends one padding slot and masks every padding token but the first "
-            "out of attention (all of them when a box is present), so any k <= N prompt slots "
-            "give SamPredictor's answer: k points plus one padding token, or points plus box.",
-            "Masks are logits: threshold at 0. Upscale 256 -> 1024, crop to the resized "
-            "image, then resize to the original size.",
-        ),
+        notes=tuple(notes),
     )
 
 
-def contract_for(part: str, num_points: int = DEFAULT_NUM_POINTS) -> PartContract:
-    """The contract of a part by name; one line for a name that is neither part."""
-    if part == "image_encoder":
+def prompts_per_call(contract: PartContract) -> int:
+    """B of a decoder contract (1 for the one-prompt decoder)."""
+    return contract.spec("point_coords").shape[0]
+
+
+def file_stem(contract: PartContract) -> str:
+    """What a part's files are called: the part, with B for the batched decoder (`prompt_decoder_b64`)."""
+    if contract.part == BATCHED_DECODER:
+        return f"{DECODER}_b{prompts_per_call(contract)}"
+    return contract.part
+
+
+def contract_for(
+    part: str, num_points: int = DEFAULT_NUM_POINTS, batch_prompts: int = DEFAULT_BATCH_PROMPTS
+) -> PartContract:
+    """The contract of a part by name; one line for a name that is no part."""
+    if part == ENCODER:
         return encoder_contract()
-    if part == "prompt_decoder":
+    if part == DECODER:
         return decoder_contract(num_points)
-    raise ArtifactError(f"unknown part {part!r}; expected image_encoder or prompt_decoder")
+    if part == BATCHED_DECODER:
+        return decoder_contract(num_points, batch_prompts)
+    raise ArtifactError(f"unknown part {part!r}; expected {ENCODER}, {DECODER} or {BATCHED_DECODER}")

@@ -169,18 +169,18 @@ class PromptDecoderForExport(nn.Module):
         point_coords, point_labels = append_padding_slot(point_coords, point_labels)
         sparse = self._embed_points(point_coords, point_labels)
         dense = self._embed_mask(mask_input, has_mask_input)
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0).unsqueeze(0)
-        tokens = torch.cat([output_tokens, sparse], dim=1)
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
         token_bias = torch.cat(
-            [torch.zeros_like(point_labels[:, :1]).expand(-1, output_tokens.shape[1]), padding_key_bias(point_labels)],
+            [torch.zeros_like(point_labels[:, :1]).expand(-1, output_tokens.shape[0]), padding_key_bias(point_labels)],
             dim=1,
         )
         src = image_embeddings + dense
         hidden, src = _two_way_transformer(decoder.transformer, src, self.image_pe_tokens, tokens, token_bias)
         iou_token_out = hidden[:, 0, :]
         mask_tokens_out = hidden[:, 1 : 1 + decoder.num_mask_tokens, :]
-        b, c, h, w = image_embeddings.shape
-        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        _, c, h, w = image_embeddings.shape
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(src.shape[0], c, h, w))
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
         )

@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline.contract import DEFAULT_BATCH_PROMPTS, PartContract, contract_for
 from pipeline.errors import ArtifactError
 from pipeline.files import atomic_write_json, sha256_file, size_bytes
 
@@ -68,6 +69,10 @@ class Manifest:
     failures: tuple[ConversionFailure, ...] = ()
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
+
+    def contract(self, part: str) -> PartContract:
+        """A part's contract as this manifest's files were converted (N slots, B prompts)."""
+        return contract_for(part, self.config["num_points"], self.config.get("batch_prompts", DEFAULT_BATCH_PROMPTS))
 
     @property
     def random_weights(self) -> bool:

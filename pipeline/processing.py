@@ -123,13 +123,19 @@ def prompt_to_decoder_inputs(
     }
 
 
+def upscale_mask_batch(
+    low_res_masks: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+) -> torch.Tensor:
+    """Mask logits Bx Cx256x256 -> BxCxHxW logits at the photo's size (Sam.postprocess_masks)."""
+    masks = F.interpolate(low_res_masks.float(), (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+    masks = masks[..., : input_size[0], : input_size[1]]
+    return F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
+
+
 def upscale_masks(low_res_masks: np.ndarray, input_size: tuple[int, int], original_size: tuple[int, int]) -> np.ndarray:
     """Mask logits 1x4x256x256 -> 4xHxW logits at the photo's size (Sam.postprocess_masks)."""
     masks = torch.from_numpy(np.ascontiguousarray(low_res_masks, dtype=np.float32))
-    masks = F.interpolate(masks, (IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-    masks = masks[..., : input_size[0], : input_size[1]]
-    masks = F.interpolate(masks, original_size, mode="bilinear", align_corners=False)
-    return masks[0].numpy()
+    return upscale_mask_batch(masks, input_size, original_size)[0].numpy()
 
 
 def select_mask_index(iou_predictions: np.ndarray, multimask_output: bool) -> int:

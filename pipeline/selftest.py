@@ -132,9 +132,9 @@ def check_case(case: SelftestCase, actual: dict[str, np.ndarray], tolerance: Tol
         misses.append(f"{case.kind}: {non_finite} non-finite output values")
     iou_min = None
     if "low_res_masks" in case.expected:
-        expected = case.expected["low_res_masks"][0, 0]
-        value = np.asarray(actual["low_res_masks"]).reshape(case.expected["low_res_masks"].shape)[0, 0]
-        iou_min = mask_iou(expected > 0, value > 0)
+        expected = case.expected["low_res_masks"][:, 0]  # every prompt's single-mask output
+        value = np.asarray(actual["low_res_masks"]).reshape(case.expected["low_res_masks"].shape)[:, 0]
+        iou_min = min(mask_iou(e > 0, v > 0) for e, v in zip(expected, value, strict=True))
         if tolerance.min_mask_iou is not None and not iou_min >= tolerance.min_mask_iou:
             misses.append(f"{case.kind}: low_res_masks IoU {iou_min:.4f} < {tolerance.min_mask_iou}")
     return CaseResult(case.kind, psnrs, iou_min, non_finite, tuple(misses))

@@ -12,12 +12,13 @@ import pytest
 from mobile_targets import get_target
 from mobile_targets.convert import convert_target, example_prompts
 from pipeline.config import RunConfig
-from pipeline.contract import decoder_contract, encoder_contract
+from pipeline.contract import BATCHED_DECODER, DECODER, ENCODER, decoder_contract, encoder_contract
 from pipeline.errors import ArtifactError
 from pipeline.manifest import read_manifest, verify_artifact
 from pipeline.metrics import mask_iou, psnr_db
 from pipeline.predictor import ReferencePredictor, Segmenter
 from pipeline.processing import prompt_to_decoder_inputs
+from pipeline.segment_everything import match_masks, reference_generator
 from validation.gates import DEFAULT_GATES
 
 TARGETS = ("executorch", "tflite", "executorch_coreml")
@@ -42,7 +43,10 @@ AGREEMENT = [
 def converted(request, tmp_path_factory, official_checkpoint):
     target = get_target(request.param)
     config = RunConfig(
-        checkpoint=official_checkpoint, precisions=target.precisions, out_dir=tmp_path_factory.mktemp("artifacts")
+        checkpoint=official_checkpoint,
+        precisions=target.precisions,
+        out_dir=tmp_path_factory.mktemp("artifacts"),
+        batch_prompts=BATCH,
     )
     manifest_path = convert_target(request.param, config)
     return manifest_path, read_manifest(manifest_path)
@@ -52,7 +56,8 @@ def test_manifest_lists_every_part_and_precision(converted):
     manifest_path, manifest = converted
     target = get_target(manifest.target)
     found = {(a.part, a.precision) for a in manifest.artifacts}
-    assert found == {(p, q) for p in ("image_encoder", "prompt_decoder") for q in target.precisions}
+    assert found == {(p, q) for p in (ENCODER, DECODER, BATCHED_DECODER) for q in target.precisions}
+    assert (manifest_path.parent / f"prompt_decoder_b{BATCH}_fp32{EXTENSIONS[manifest.target]}").is_file()
     assert not manifest.random_weights and manifest.weights["sha256"]
     for record in manifest.artifacts:
         assert verify_artifact(manifest_path, record).suffix == EXTENSIONS[manifest.target]
@@ -60,6 +65,11 @@ def test_manifest_lists_every_part_and_precision(converted):
         assert record.details["conversion_seconds"] > 0 and record.details["gate"]
         if manifest.target == "executorch":
             assert record.details["xnnpack_delegated_nodes"] > 0
+
+
+BATCH = 4
+"""B of the batched decoder in these tests (the default, 64, only costs time here)."""
+EVERYTHING_OPTIONS = ({"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}, {})
 
 
 def _load(manifest_path, manifest, part, precision):
@@ -139,6 +149,25 @@ def test_refinement_in_the_runtime_matches_sam_predictor(converted, our_model, p
         outputs = decoder.run({"image_embeddings": embeddings, **inputs})
         assert np.abs(outputs["low_res_masks"][0, :1] - refined).max() < 1e-3
         np.testing.assert_allclose(outputs["iou_predictions"][0, :1], refined_scores, atol=1e-4)
+
+
+@pytest.mark.parametrize("options", EVERYTHING_OPTIONS, ids=["zero-thresholds-no-nms", "defaults"])
+def test_fp32_files_segment_everything_like_sam(converted, our_model, photos, options):
+    """The fp32 encoder file and batched decoder file, run as segment-anything's automatic mask
+    generator in the target's runtime, give SamAutomaticMaskGenerator's masks on the PyTorch model."""
+    from validation.segment_everything import file_generator
+
+    manifest_path, manifest = converted
+    image = photos.image(photos.image_ids()[11])
+    generator = file_generator(manifest_path, manifest, "fp32", "fp32", 2, points_per_side=4, **options)
+    ours = generator.generate(image)
+    reference = reference_generator(our_model, points_per_side=4, **options).generate(image)
+    match = match_masks(reference, ours)
+    print(f"{manifest.target}: {match.to_json()}")
+    assert match.reproduced, match.to_json()
+    assert generator.predictor.times.decoder_calls == 16 // BATCH  # 16 grid points, B at a time
+    if options:
+        assert len(reference) >= 20  # nothing filtered: the comparison sees every mask
 
 
 def test_every_file_passes_its_self_test_vectors(converted):

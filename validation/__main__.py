@@ -49,6 +49,12 @@ def main() -> int:
     parser.add_argument(
         "--skip-baselines", action="store_true", help="no PyTorch/ONNX Runtime/compute-floor timings (a quicker check)"
     )
+    parser.add_argument(
+        "--everything-points-per-side",
+        type=int,
+        default=ValidationSettings.everything_points_per_side,
+        help="grid of the segment-everything section (K x K points per photo; 0 skips it)",
+    )
     parser.add_argument("--teacher-checkpoint", type=Path, help="official SAM checkpoint: also score against SAM")
     parser.add_argument("--teacher-type", choices=TEACHER_TYPES, default="vit_h")
     args = parser.parse_args()
@@ -62,6 +68,7 @@ def main() -> int:
         threads=args.threads,
         prompt_seed=args.prompt_seed,
         baselines=not args.skip_baselines,
+        everything_points_per_side=max(0, args.everything_points_per_side),
     )
     teacher = TeacherSpec(args.teacher_checkpoint, args.teacher_type) if args.teacher_checkpoint else None
     masks: dict = {}

@@ -31,6 +31,8 @@ class ValidationSettings:
     """Seed of the sampled prompt points (never the weights' seed)."""
     baselines: bool = True
     """Time PyTorch eager, ONNX Runtime and the compute floor (about a minute); off for quick checks."""
+    everything_points_per_side: int = 8
+    """Grid of the segment-everything section (K x K points per photo); 0 skips the section."""
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,18 @@ from tqdm import tqdm
 
 from mobile_targets import get_target, load_artifact_runner
 from pipeline.checkpoints import load_model
-from pipeline.contract import decoder_contract, encoder_contract
+from pipeline.contract import (
+    BATCHED_DECODER,
+    DECODER,
+    ENCODER,
+    decoder_contract,
+    encoder_contract,
+    prompts_per_call,
+)
 from pipeline.datasets import Photos
 from pipeline.errors import PipelineError, one_line
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
-from pipeline.predictor import NamedRunner, ReferencePredictor
+from pipeline.predictor import BatchedDecoder, NamedRunner, ReferencePredictor, stack_prompts
 from validation.baselines import (
     compute_floor,
     onnx_runtime_latency,
@@ -33,12 +40,14 @@ from validation.baselines import (
     resident_memory_mb,
     time_call,
 )
+from validation.everything import everything_pairs, reference_masks, score_everything
 from validation.gates import DEFAULT_GATES, Gate, gate_failures, looser_gate
 from validation.reference import ReferenceImage, ValidationSettings, build_reference, reference_weights
 from validation.schema import (
     ArtifactResult,
     Baselines,
     ComputeFloor,
+    EverythingResult,
     GateResult,
     Latency,
     Memory,
@@ -104,9 +113,14 @@ def validate_artifact(
         result.load_s = time.perf_counter() - start
         stage = "running"
         first = timed_reference(references)
-        if record.part == "image_encoder":
+        if record.part == ENCODER:
             result.encoder, loaded.embeddings = score_encoder(runner, references, result.non_finite_outputs)
             example = {"image": first.prepared.image}
+        elif record.part == BATCHED_DECODER:
+            batch = prompts_per_call(manifest.contract(BATCHED_DECODER))
+            result.decoder = score_prompts(BatchedDecoder(runner, batch), references, None, result.non_finite_outputs)
+            rows = [{"image_embeddings": first.embeddings, **case.inputs} for case in first.cases[:batch]]
+            example = stack_prompts(rows, batch)
         else:
             result.decoder = score_prompts(runner, references, None, result.non_finite_outputs, overlays)
             example = {"image_embeddings": first.embeddings, **first.cases[0].inputs}
@@ -127,8 +141,8 @@ def validate_pairs(
     target: str, loaded: list[LoadedArtifact], references: list[ReferenceImage], gates: dict[str, Gate]
 ) -> list[PairResult]:
     """Every encoder file into every decoder file of one target, photo to mask, against PyTorch."""
-    encoders = [a for a in loaded if a.record.part == "image_encoder"]
-    decoders = [a for a in loaded if a.record.part == "prompt_decoder"]
+    encoders = [a for a in loaded if a.record.part == ENCODER]
+    decoders = [a for a in loaded if a.record.part == DECODER]
     pairs = []
     for encoder in encoders:
         for decoder in decoders:
@@ -154,6 +168,39 @@ def validate_pairs(
             pair.gate = GateResult(not failures, tuple(failures))
             pairs.append(pair)
     return pairs
+
+
+def validate_everything(
+    manifest: Manifest,
+    loaded: list[LoadedArtifact],
+    references: list[ReferenceImage],
+    photos: Photos,
+    sam: torch.nn.Module,
+    cache: dict,
+    settings: ValidationSettings,
+) -> list[EverythingResult]:
+    """Each batched decoder file with its encoder as the automatic mask generator, against
+    SamAutomaticMaskGenerator (computed once per weights, kept in `cache`)."""
+    pairs = everything_pairs(loaded)
+    if not pairs or not settings.everything_points_per_side:
+        return []
+    images = {reference.image_id: photos.image(reference.image_id) for reference in references}
+    if "masks" not in cache:
+        cache["masks"] = reference_masks(sam, images, settings.everything_points_per_side)
+    batch = prompts_per_call(manifest.contract(BATCHED_DECODER))
+    results = []
+    for encoder, decoder in tqdm(pairs, desc=f"{manifest.target} segment everything", unit="pair"):
+        results += score_everything(
+            manifest.target,
+            encoder,
+            decoder,
+            batch,
+            manifest.config["num_points"],
+            images,
+            cache["masks"],
+            settings.everything_points_per_side,
+        )
+    return results
 
 
 def baseline_latencies(predictor: ReferencePredictor, first: ReferenceImage, settings: ValidationSettings) -> Baselines:
@@ -249,12 +296,12 @@ def validate_run(
                     if settings.baselines
                     else Baselines()
                 )
-                reference_runs[key] = (source, references, baselines)
+                reference_runs[key] = (source, references, baselines, sam, {})
         except Exception as error:  # this run's error; the other targets are still validated
             run.error = str(error) if isinstance(error, PipelineError) else one_line(error)
             report.runs.append(run)
             continue
-        source, references, run.baselines = reference_runs[key]
+        source, references, run.baselines, sam, everything_reference = reference_runs[key]
         run.runtime = target.runtime_name
         run.weights = source.describe()
         run.random_weights = source.is_random
@@ -280,5 +327,8 @@ def validate_run(
             loaded.append(artifact)
         known = [a for a in loaded if a.record.precision in gates]
         report.pairs += validate_pairs(manifest.target, known, references, gates)
+        report.everything += validate_everything(
+            manifest, loaded, references, photos, sam, everything_reference, settings
+        )
         report.runs.append(run)
     return report

@@ -144,6 +144,47 @@ class PairResult:
         return f"{self.target} {self.encoder_precision} encoder + {self.decoder_precision} decoder"
 
 
+@dataclass
+class EverythingPhoto:
+    """One photo segmented everything: for each SamAutomaticMaskGenerator mask the best IoU among ours."""
+
+    image_id: int
+    reference_count: int
+    our_count: int
+    matched: int
+    best_iou_mean: float | None
+    best_iou_min: float | None
+    reproduced: bool
+
+
+@dataclass
+class EverythingResult:
+    """Segment everything with an encoder file and a batched decoder file of one target, against
+    segment-anything's SamAutomaticMaskGenerator on the PyTorch weights (same grid and thresholds)."""
+
+    target: str
+    encoder_file: str
+    decoder_file: str
+    encoder_precision: str
+    decoder_precision: str
+    thresholds: str
+    options: dict[str, float]
+    photos: list[EverythingPhoto] = field(default_factory=list)
+    prompts: int = 0
+    decoder_calls: int = 0
+    decoder_s: float | None = None
+    error: str | None = None
+    gate: GateResult | None = None
+    """Only fp32 pairs are gated: every reference mask matched at IoU >= 0.95 and the same count."""
+
+    @property
+    def name(self) -> str:
+        return (
+            f"{self.target} segment everything ({self.encoder_precision} encoder + {self.decoder_precision} "
+            f"batched decoder, {self.thresholds})"
+        )
+
+
 @dataclass(frozen=True)
 class ComputeFloor:
     encoder_gflops: float
@@ -187,6 +228,7 @@ class Report:
     teacher: str | None = None
     runs: list[RunResult] = field(default_factory=list)
     pairs: list[PairResult] = field(default_factory=list)
+    everything: list[EverythingResult] = field(default_factory=list)
     schema_version: int = REPORT_SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -205,4 +247,5 @@ class Report:
                 )
             lines += [f"{a.name}: {'; '.join(a.gate.failures)}" for a in run.artifacts if a.gate and not a.gate.passed]
         lines += [f"pair {p.name}: {'; '.join(p.gate.failures)}" for p in self.pairs if p.gate and not p.gate.passed]
+        lines += [f"{e.name}: {'; '.join(e.gate.failures)}" for e in self.everything if e.gate and not e.gate.passed]
         return lines

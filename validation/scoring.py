@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipeline.metrics import cosine_similarity, count_non_finite, mask_iou, max_abs_error, psnr_db
-from pipeline.predictor import NamedRunner, Prediction, Segmenter
+from pipeline.predictor import BatchedDecoder, NamedRunner, Prediction, Segmenter
 from validation.reference import ReferenceCase, ReferenceImage
 from validation.schema import EncoderScores, KindScores, Summary, nan_max, nan_min
 
@@ -131,6 +131,8 @@ def score_prompts(
     for index, reference in enumerate(references):
         image_embeddings = reference.embeddings if embeddings is None else embeddings[index]
         segmenter.set_embeddings(reference.prepared, image_embeddings)
+        if isinstance(decoder, BatchedDecoder):  # every prompt of the photo in B-row calls, then read back
+            decoder.prefetch([{"image_embeddings": image_embeddings, **item.inputs} for item in reference.cases])
         drawn = overlay_case(reference)
         for item in reference.cases:
             actual = segmenter.decode({"image_embeddings": image_embeddings, **item.inputs}, item.case.multimask)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from mobile_targets import load_artifact_runner
 from pipeline.cli import exit_status, run_main, setup_logging
-from pipeline.contract import contract_for
 from pipeline.errors import PipelineError, one_line
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
 from pipeline.selftest import Tolerance, read_vectors, run_vectors
@@ -34,7 +33,7 @@ def selftest_artifact(manifest_path: Path, manifest: Manifest, record: ArtifactR
     if not info:
         return SelftestOutcome(name, False, "no self-test vectors in the manifest (converted before they existed?)")
     try:
-        contract = contract_for(record.part, manifest.config["num_points"])
+        contract = manifest.contract(record.part)
         cases = read_vectors(manifest_path.parent / info["file"], info["cases"], contract)
         runner = load_artifact_runner(manifest_path, manifest, record, threads, check_sha256=False)
         tolerance = Tolerance(**info["tolerance"])

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
+from pipeline.contract import DECODER_PARTS
 from validation.schema import (
     ArtifactResult,
     KindScores,
@@ -79,7 +82,7 @@ def kind_rows(report: Report) -> list[list[str]]:
     """The per-kind detail: every decoder file (on PyTorch's embeddings) and every pair."""
     rows = []
     named: list[tuple[str, dict[str, KindScores] | None]] = [
-        (a.name, a.decoder) for run in report.runs for a in run.artifacts if a.part == "prompt_decoder"
+        (a.name, a.decoder) for run in report.runs for a in run.artifacts if a.part in DECODER_PARTS
     ]
     named += [(f"pair {p.name}", p.decoder) for p in report.pairs]
     for name, kinds in named:
@@ -199,5 +202,51 @@ def summary_markdown(report: Report) -> str:
         lines.append("distillation plus conversion loss (each pair), side by side.")
         lines.append("")
         lines += _table(("model", "prompt kind", "mask IoU vs teacher mean / min / p5"), teacher_rows)
+    if report.everything:
+        lines += ["", "## Segment everything (batched decoder) against SamAutomaticMaskGenerator", ""]
+        lines.append(
+            "segment-anything's generator over each encoder file and batched decoder file, against the same "
+            "generator on PyTorch: masks each side, reference masks matched at IoU >= 0.95, best IoU mean / min "
+            "over the photos; fp32 is gated (every mask matched, same count)."
+        )
+        lines.append("")
+        lines += _table(EVERYTHING_HEADER, everything_rows(report))
     lines += ["", "## Per prompt kind", "", *_table(KIND_HEADER, kind_rows(report))]
     return "\n".join(lines)
+
+
+EVERYTHING_HEADER = (
+    "target",
+    "encoder + batched decoder",
+    "thresholds",
+    "masks PyTorch / file",
+    "matched",
+    "best IoU mean / min",
+    "decoder s (calls)",
+    "gate",
+)
+
+
+def everything_rows(report: Report) -> list[list[str]]:
+    rows = []
+    for result in report.everything:
+        pair = f"{result.encoder_precision} + {result.decoder_precision}"
+        if result.error:
+            rows.append([result.target, pair, result.thresholds, "error", result.error, "-", "-", "FAIL"])
+            continue
+        ious = [p.best_iou_mean for p in result.photos if p.best_iou_mean is not None]
+        minima = [p.best_iou_min for p in result.photos if p.best_iou_min is not None]
+        gate = "-" if result.gate is None else ("pass" if result.gate.passed else "FAIL")
+        rows.append(
+            [
+                result.target,
+                pair,
+                result.thresholds,
+                f"{sum(p.reference_count for p in result.photos)} / {sum(p.our_count for p in result.photos)}",
+                f"{sum(p.matched for p in result.photos)}",
+                f"{np.mean(ious):.3f} / {np.min(minima):.3f}" if ious else "-",
+                f"{result.decoder_s:.1f} ({result.decoder_calls})",
+                gate,
+            ]
+        )
+    return rows

@@ -86,7 +86,7 @@ class FileUnderTest:
         info = self.record.details.get("selftest")
         if not info:
             raise PipelineError(f"{self.path} has no self-test vectors to time it on; convert it again")
-        contract = contract_for(self.record.part, self.manifest.config["num_points"])
+        contract = self.manifest.contract(self.record.part)
         cases = read_vectors(self.manifest_path.parent / info["file"], info["cases"], contract)
         return cases[0].inputs
 
