@@ -55,9 +55,10 @@ def file_generator(
     manifest_path: Path, manifest: Manifest, precision: str, encoder_precision: str, threads: int | None, **options
 ) -> AutomaticMaskGenerator:
     """The generator over a convert folder's encoder file and batched decoder file."""
-    encoder = load_artifact_runner(manifest_path, manifest, find_record(manifest, ENCODER, encoder_precision), threads)
-    record = find_record(manifest, BATCHED_DECODER, precision)
-    decoder = load_artifact_runner(manifest_path, manifest, record, threads)
+    decoder_record = find_record(manifest, BATCHED_DECODER, precision)
+    encoder_record = find_record(manifest, ENCODER, encoder_precision)
+    encoder = load_artifact_runner(manifest_path, manifest, encoder_record, threads)
+    decoder = load_artifact_runner(manifest_path, manifest, decoder_record, threads)
     batch = prompts_per_call(manifest.contract(BATCHED_DECODER))
     predictor = RunnerPredictor(encoder, BatchedDecoder(decoder, batch), manifest.config["num_points"])
     return AutomaticMaskGenerator(predictor, **options)
