@@ -62,7 +62,7 @@ def test_batched_decoder_prefetches_and_runs_the_rest_alone(reference):
     decoder.prefetch(rows[:2])
     for row, answer in zip(rows, answers, strict=True):  # prefetched ones from memory, the others alone
         np.testing.assert_allclose(decoder.run(row)["low_res_masks"], answer["low_res_masks"], atol=2e-4)
-    with pytest.raises(ValueError, match="1..3 prompts"):
+    with pytest.raises(ValueError, match=r"1\.\.3 prompts"):
         stack_prompts(rows, 3)
 
 

@@ -20,7 +20,7 @@ from mobile_targets import get_target, load_artifact_runner
 from mobile_targets.convert import build_parts, convert_one
 from pipeline.checkpoints import load_model
 from pipeline.config import RunConfig
-from pipeline.contract import contract_for
+from pipeline.contract import DECODER_PARTS, contract_for, prompts_per_call
 from pipeline.datasets import CocoPhotos
 from pipeline.errors import PipelineError, one_line
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
@@ -107,6 +107,8 @@ def benchmark_artifact(item: FileUnderTest, threads: list[int], warmup: int, run
     runtime = get_target(record.target).runtime_name
     result = ArtifactBenchmark(record.target, record.part, record.precision, str(item.path), record.bytes, runtime)
     result.not_timed = get_target(record.target).emulation_note()
+    if record.part in DECODER_PARTS:
+        result.prompts_per_call = prompts_per_call(item.manifest.contract(record.part))
     if result.not_timed:
         return result
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from validation.benchmark.schema import BENCHMARK_JSON, ArtifactBenchmark, Benchmark
+from validation.benchmark.schema import BENCHMARK_JSON, GRID_SIDES, ArtifactBenchmark, Benchmark
 
 OUTSIDE_FAST = ("outside xnnpack",)
 TOP_OPS = 12
@@ -84,6 +84,7 @@ def markdown(result: Benchmark) -> str:
             rows.setdefault((point.runtime, point.precision), {})[point.num_points] = cell
         for (runtime, precision), cells in rows.items():
             lines.append(f"| {runtime} | {precision} | " + " | ".join(cells.get(n, "-") for n in counts) + " |")
+    lines += _grid_costs(result)
     for profile in result.profiles:
         lines += ["", f"## Per-op profile: {Path(profile.file).name} ({profile.threads} threads, ETDump)", ""]
         if profile.error:
@@ -109,6 +110,27 @@ def markdown(result: Benchmark) -> str:
         "--enable_op_profiling=true` gives the per-op table on a device.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _grid_costs(result: Benchmark) -> list[str]:
+    costs = result.grid_costs()
+    if not costs:
+        return []
+    lines = ["", "## Segment everything: decoder time per grid, batched against one call per point", ""]
+    lines.append(
+        "From warm per-call medians: K x K grid points take ceil(K^2 / B) batched calls or K^2 one-prompt calls "
+        "(the encoder runs once either way; the generator's mask post-processing is the same for both)."
+    )
+    lines += ["", "| target | precision | threads | B | one-prompt call ms | batched call ms | per-prompt speed-up |"]
+    lines[-1] += " " + " | ".join(f"{k}x{k} batched / one per point s" for k in GRID_SIDES) + " |"
+    lines.append("|---|---|---|---|---|---|---|" + "---|" * len(GRID_SIDES))
+    for cost in costs:
+        cells = [f"{cost.grid_s[k]['batched']:.2f} / {cost.grid_s[k]['one_call_per_point']:.2f}" for k in GRID_SIDES]
+        lines.append(
+            f"| {cost.target} | {cost.precision} | {cost.threads} | {cost.batch} | {_ms(cost.one_prompt_call_s)} "
+            f"| {_ms(cost.batched_call_s)} | {cost.per_prompt_speedup:.2f}x | " + " | ".join(cells) + " |"
+        )
+    return lines
 
 
 def _int8_speedups(result: Benchmark) -> list[str]:

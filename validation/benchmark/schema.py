@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from pipeline.contract import BATCHED_DECODER, DECODER
+
 BENCHMARK_JSON = "benchmark.json"
 
 
@@ -58,6 +60,8 @@ class ArtifactBenchmark:
     """Peak resident memory added by loading and running the file (Linux VmHWM), at 2 threads."""
     error: str | None = None
     not_timed: str | None = None
+    prompts_per_call: int = 1
+    """B of a batched decoder file (1 for every other file)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,29 @@ class OpProfile:
     total_ms: float
     ops: list[OpCost] = field(default_factory=list)
     error: str | None = None
+
+
+GRID_SIDES = (8, 16, 32)
+
+
+@dataclass(frozen=True)
+class GridCost:
+    """Segment everything's decoder time for K x K grid points, from warm per-call medians: the
+    batched decoder (ceil(K^2 / B) calls) against the one-prompt decoder (K^2 calls), same
+    target, precision and threads. The generator's mask post-processing is the same for both."""
+
+    target: str
+    precision: str
+    threads: int
+    batch: int
+    one_prompt_call_s: float
+    batched_call_s: float
+    grid_s: dict[int, dict[str, float]]
+    """K -> {"batched": s, "one_call_per_point": s} for K in GRID_SIDES."""
+
+    @property
+    def per_prompt_speedup(self) -> float:
+        return self.one_prompt_call_s / (self.batched_call_s / self.batch)
 
 
 @dataclass
@@ -123,8 +150,34 @@ class Benchmark:
             ratios["vs_int8_floor"] = timing.median_s / floor.int8_floor_s
         return ratios
 
+    def grid_costs(self) -> list[GridCost]:
+        singles = {(a.target, a.precision): a for a in self.artifacts if a.part == DECODER}
+        costs = []
+        for batched in (a for a in self.artifacts if a.part == BATCHED_DECODER):
+            single = singles.get((batched.target, batched.precision))
+            if single is None:
+                continue
+            for timing in batched.timings:
+                alone = next((t for t in single.timings if t.threads == timing.threads), None)
+                if alone is None:
+                    continue
+                b = batched.prompts_per_call
+                grid = {
+                    k: {"batched": -(-k * k // b) * timing.median_s, "one_call_per_point": k * k * alone.median_s}
+                    for k in GRID_SIDES
+                }
+                costs.append(
+                    GridCost(
+                        batched.target, batched.precision, timing.threads, b, alone.median_s, timing.median_s, grid
+                    )
+                )
+        return costs
+
     def to_json(self) -> dict:
         data = asdict(self)
+        data["segment_everything"] = [
+            {**asdict(cost), "per_prompt_speedup": cost.per_prompt_speedup} for cost in self.grid_costs()
+        ]
         data["floors"] = [
             {**asdict(f), "fp32_floor_s": f.fp32_floor_s, "int8_floor_s": f.int8_floor_s} for f in self.floors
         ]
