@@ -1,5 +1,5 @@
 """Sessions: distill, convert_coreml, convert_executorch, convert_executorch_coreml, convert_tflite, validate,
-selftest, benchmark, segment_everything, tests, lint (see README).
+selftest, benchmark, segment_everything, tryout, tests, lint (see README).
 
 Environments are reused and dependencies are installed only when pyproject.toml changes, so a
 second run of any session starts in seconds instead of reinstalling torch.
@@ -148,6 +148,17 @@ def segment_everything(session: nox.Session) -> None:
     """
     install_project(session, "validate")
     session.run("python", "-m", "validation.segment_everything", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def tryout(session: nox.Session) -> None:
+    """A local page (127.0.0.1 only) to click on photos and compare each file's mask with PyTorch's.
+
+    Options after `--`: --out CONVERT_OUT (default artifacts), --port P (default 7860), --checkpoint W,
+    --threads T. Ctrl-C stops it.
+    """
+    install_project(session, "tryout")
+    session.run("python", "-m", "validation.tryout", *session.posargs)
 
 
 @nox.session(python=PYTHON)

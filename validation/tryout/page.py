@@ -179,10 +179,12 @@ def build_page(engine: TryoutEngine, sample_photos: dict[str, Path]) -> gr.Block
                 raise
             image = state["image"]
             encoded = "embeddings reused" if answer.encoder_ms is None else f"encoder {answer.encoder_ms:.0f} ms"
+            scores = ", ".join(f"{v:.3f}" for v in answer.file.iou_predictions.reshape(-1)[1:4])
             message = (
                 f"Mask IoU files vs PyTorch **{answer.iou:.4f}**; {encoded}, decoder {answer.decoder_ms:.0f} ms "
                 f"(PyTorch decoder {answer.pytorch_decoder_ms:.0f} ms); {clicks.slots} of "
-                f"{engine.choice(decoder_label, DECODER).manifest.config['num_points']} prompt slots used."
+                f"{engine.choice(decoder_label, DECODER).manifest.config['num_points']} prompt slots used; "
+                f"the files' multimask candidates 1-3 predict IoU {scores} (output {answer.file.selected} shown)."
             )
             info = {"click": [x, y], "points": clicks.points, "box": clicks.box, **answer.details()}
             return (
