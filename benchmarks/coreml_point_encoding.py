@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mobile_targets.convert import build_parts, example_prompts
-from mobile_targets.coreml_target import TARGET
+from mobile_targets.coreml.converter import TARGET
 from pipeline.checkpoints import load_model
 from pipeline.config import RunConfig
 from pipeline.datasets import photos_from_options

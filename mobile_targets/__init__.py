@@ -11,7 +11,7 @@ from pipeline.errors import PipelineError
 from pipeline.manifest import ArtifactRecord, Manifest, verify_artifact
 
 TARGET_MODULES = {
-    "coreml": "mobile_targets.coreml_target",
+    "coreml": "mobile_targets.coreml.converter",
     "executorch": "mobile_targets.executorch_target",
     "executorch_coreml": "mobile_targets.executorch_coreml_target",
     "tflite": "mobile_targets.tflite_target",

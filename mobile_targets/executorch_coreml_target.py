@@ -61,7 +61,7 @@ class CoreMLPayloadRunner(Runner):
     def __init__(self, path: Path, contract: PartContract, threads: int | None = None) -> None:
         from executorch.examples.apple.coreml.scripts.extract_coreml_models import extract_coreml_models
 
-        from mobile_targets.coreml_target import EmulatedCoreMLRunner
+        from mobile_targets.coreml.converter import EmulatedCoreMLRunner
 
         super().__init__(path, contract)
         check_pte_header(self.path)

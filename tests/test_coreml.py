@@ -13,7 +13,7 @@ import pytest
 
 from mobile_targets import get_target
 from mobile_targets.convert import build_parts, convert_target, example_prompts
-from mobile_targets.coreml_emulator import MilProgram, fp16_twin_differences
+from mobile_targets.coreml.emulator import MilProgram, fp16_twin_differences
 from pipeline.config import RunConfig
 from pipeline.contract import decoder_contract, encoder_contract
 from pipeline.errors import ArtifactError, ConfigError

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from coremltools.converters.mil import Builder as mb
 
-from mobile_targets.coreml_emulator import MilProgram, UnsupportedOpError
-from mobile_targets.mil_ops import KERNELS
+from mobile_targets.coreml.emulator import MilProgram, UnsupportedOpError
+from mobile_targets.coreml.mil_ops import KERNELS
 
 RNG = np.random.default_rng(0)
 

@@ -48,9 +48,12 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def validated(tmp_path_factory, official_checkpoint, photos, teacher_checkpoint):
     out = tmp_path_factory.mktemp("validate")
-    convert_target("tflite", RunConfig(checkpoint=official_checkpoint, precisions=("fp32", "int8"), out_dir=out))
+    config = RunConfig(checkpoint=official_checkpoint, precisions=("fp32", "int8"), out_dir=out, batch_prompts=4)
+    convert_target("tflite", config)
     (out / "tflite" / "prompt_decoder_int8.tflite").write_bytes(b"broken")
-    settings = ValidationSettings(max_images=2, instances_per_image=2, latency_runs=3, warmup_runs=1)
+    settings = ValidationSettings(
+        max_images=2, instances_per_image=2, latency_runs=3, warmup_runs=1, everything_points_per_side=4
+    )
     masks: dict = {}
     report = validate_run(out, photos, settings, None, masks, teacher=TeacherSpec(teacher_checkpoint, "vit_b"))
     write_html(report, photos, masks, out / "report.html")
@@ -173,3 +176,22 @@ def test_nan_is_a_failure_never_a_value_to_skip():
         "output image_embeddings had 7 non-finite values (NaN or Inf)",
         "embeddings PSNR nan dB < 25.0",
     ]
+
+
+def test_segment_everything_section_gates_fp32(validated):
+    """Each batched decoder file with its encoder against SamAutomaticMaskGenerator: fp32 must
+    reproduce it (gated), int8 is reported; the section is in the HTML report."""
+    from validation.everything import THRESHOLDS
+
+    report, _, out = validated
+    by = {(e.decoder_precision, e.thresholds): e for e in report.everything}
+    assert set(by) == {(p, t) for p in ("fp32", "int8") for t in THRESHOLDS}
+    for thresholds in THRESHOLDS:
+        fp32 = by[("fp32", thresholds)]
+        assert fp32.gate.passed and len(fp32.photos) == 2 and all(p.reproduced for p in fp32.photos)
+        assert fp32.prompts == 2 * 16 and fp32.decoder_calls == 2 * 4
+        assert by[("int8", thresholds)].gate is None and not by[("int8", thresholds)].error
+    assert sum(p.reference_count for p in by[("fp32", "zero thresholds")].photos) > 0
+    assert "Segment everything" in (out / "report.html").read_text()
+    batched = next(a for run in report.runs for a in run.artifacts if a.part == "prompt_decoder_batched")
+    assert batched.decoder and batched.gate.passed and batched.latency

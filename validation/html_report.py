@@ -20,9 +20,11 @@ from pipeline.files import atomic_write_bytes
 from validation.schema import Report, RunResult, min_logits_psnr, worst_kind_mean_iou
 from validation.scoring import OVERLAY_KINDS
 from validation.text_report import (
+    EVERYTHING_HEADER,
     KIND_HEADER,
     SUMMARY_HEADER,
     best_pairs_by_budget,
+    everything_rows,
     kind_rows,
     pair_matrix,
     summary_rows,
@@ -192,6 +194,14 @@ def write_html(report: Report, photos: Photos, masks: dict[str, dict[int, np.nda
         if picture:
             sections.append(f"<h2>{html.escape(run.target)} masks</h2>")
             sections.append(_image(f"{run.target} overlays", picture))
+    if report.everything:
+        rows = everything_rows(report)
+        sections += [
+            "<h2>Segment everything (batched decoder) against SamAutomaticMaskGenerator</h2>",
+            "<p>segment-anything's generator over each encoder file and batched decoder file, against the same "
+            "generator on PyTorch; fp32 is gated (every reference mask matched at IoU &ge; 0.95, same count).</p>",
+            _html_table(EVERYTHING_HEADER, rows, ["fail" if row[-1] == "FAIL" else "" for row in rows]),
+        ]
     sections += ["<h2>Per prompt kind</h2>", _html_table(KIND_HEADER, kind_rows(report))]
     style = (
         "body{font-family:sans-serif;margin:2em;max-width:1400px}"

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mobile_targets.mil_ops import KERNELS, unpack_bits
+from mobile_targets.coreml.mil_ops import KERNELS, unpack_bits
 from pipeline.errors import ArtifactError
 
 MODES = ("fp16", "fp32")
@@ -262,7 +262,7 @@ class MilProgram:
         if op.type not in KERNELS:
             raise UnsupportedOpError(
                 f"{self.package}: MIL op {op.type!r} ({name}) is not implemented by the Core ML emulator "
-                f"(it runs {len(KERNELS)} op types; see mobile_targets/mil_ops.py)"
+                f"(it runs {len(KERNELS)} op types; see mobile_targets/coreml/mil_ops.py)"
             )
         arguments: dict[str, Any] = {}
         for key, attribute in op.attributes.items():

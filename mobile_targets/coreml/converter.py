@@ -6,7 +6,7 @@ applied to the fp16 package, so compute stays fp16 and only the stored weights s
 
 Each converter workaround is a function below with a docstring naming what it avoids. Core ML
 cannot run on Linux, so `load_runner` gives `MLModel.predict` on macOS and the MIL emulator
-(`coreml_emulator`) elsewhere; both behind the same `Runner` interface.
+(`mobile_targets.coreml.emulator`) elsewhere; both behind the same `Runner` interface.
 """
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ class EmulatedCoreMLRunner(Runner):
     ) -> None:
         """`output_names`: the program's names for the contract's outputs, in order, where they
         differ (a Core ML payload inside a `.pte` names them after ExecuTorch's graph nodes)."""
-        from mobile_targets.coreml_emulator import MilProgram
+        from mobile_targets.coreml.emulator import MilProgram
 
         super().__init__(path, contract)
         self.program = MilProgram(self.path)

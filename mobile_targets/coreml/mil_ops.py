@@ -2,7 +2,7 @@
 
 Each kernel takes the op's named arguments (inputs and constant attributes, already decoded)
 and returns a tensor or a tuple of tensors. Semantics follow the MIL op reference of
-coremltools (`coremltools.converters.mil.mil.ops.defs`); `tests/test_coreml_emulator.py`
+coremltools (`coremltools.converters.mil.mil.ops.defs`); `tests/test_coreml_ops.py`
 checks every kernel against coremltools' own `value_inference` where the op has one and
 against a torch function with the same meaning where it does not (conv, norms, ...).
 
