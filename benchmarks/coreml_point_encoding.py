@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     sam, weights = load_model("vit_t", args.checkpoint, 0)
     photos = photos_from_options(args.images, args.annotations, default="calibration")
-    decoder = build_parts(RunConfig(), sam, photos)[1]
+    decoder = build_parts(RunConfig(batch_prompts=0), sam, photos)[1]
     runners = {}
     with tempfile.TemporaryDirectory() as folder:
         for variant, keep in (("fp32 point encoding", True), ("all fp16", False)):

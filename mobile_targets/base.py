@@ -35,6 +35,10 @@ class PartToConvert:
     """The model's real architecture (pipeline.model.describe_architecture), for metadata."""
     selftest: tuple[SelftestCase, ...] = ()
     """Vectors that travel with the file (`<stem>.selftest.npz`): inputs and PyTorch fp32's outputs."""
+    optional: bool = False
+    """A precision whose file misses its gate is left out (`not_made`), not a failed conversion: the
+    batched decoder ships in the precisions that hold (e.g. dynamic int8 quantizes activations over
+    the whole batch, which can cost a row more than the one-prompt file loses)."""
 
     @property
     def name(self) -> str:

@@ -45,6 +45,11 @@ from pipeline.selftest import SelftestCase, run_vectors, selftest_path, write_ve
 
 log = logging.getLogger(__name__)
 
+
+class GateMiss(ArtifactError):
+    """A fresh file that converted and runs but misses its precision's gate (PSNR or self-test vectors)."""
+
+
 GATE_PSNR_DB = {"fp32": 60.0, "fp16": 30.0, "int8": 10.0, "palettize6": 10.0}
 """Minimum PSNR of every output against PyTorch on the example photo, checked right after
 conversion. Loose for quantized files: they are scored properly by the validate stage."""
@@ -111,6 +116,7 @@ def build_parts(config: RunConfig, sam: torch.nn.Module, photos: Photos) -> list
                 tuple(torch.from_numpy(case.inputs[name]) for name in batched.input_names),
                 architecture=architecture,
                 selftest=(case,),
+                optional=True,
             )
         )
     return parts
@@ -178,7 +184,7 @@ def parity_gate(runner: Runner, part: PartToConvert, precision: str) -> dict[str
             "max_abs_error": max_abs_error(reference, actual[name]),
         }
         if not results[name]["psnr_db"] >= GATE_PSNR_DB[precision]:
-            raise ArtifactError(
+            raise GateMiss(
                 f"{part.name} {precision}: output {name} has PSNR {results[name]['psnr_db']:.1f} dB against "
                 f"PyTorch, under the {GATE_PSNR_DB[precision]:.0f} dB gate"
             )
@@ -192,7 +198,7 @@ def selftest_gate(runner: Runner, part: PartToConvert, precision: str) -> dict[s
     results = run_vectors(runner, list(part.selftest), tolerance)
     misses = [miss for result in results for miss in result.misses]
     if misses:
-        raise ArtifactError(f"{part.name} {precision}: self-test vectors missed: {'; '.join(misses)}")
+        raise GateMiss(f"{part.name} {precision}: self-test vectors missed: {'; '.join(misses)}")
     psnrs = {name: min(r.psnr_db[name] for r in results) for name in part.contract.output_names}
     ious = [r.mask_iou_min for r in results if r.mask_iou_min is not None]
     return {
@@ -248,6 +254,7 @@ class ManifestKeeper:
         )
         self.records: dict[tuple[str, str], ArtifactRecord] = {}
         self.failures: dict[tuple[str, str], ConversionFailure] = {}
+        self.not_made: dict[tuple[str, str], ConversionFailure] = {}
         self._adopt_earlier(config)
 
     def _adopt_earlier(self, config: RunConfig) -> None:
@@ -291,6 +298,12 @@ class ManifestKeeper:
     def add(self, record: ArtifactRecord) -> None:
         self.records[(record.part, record.precision)] = record
         self.failures.pop((record.part, record.precision), None)
+        self.not_made.pop((record.part, record.precision), None)
+        self.write()
+
+    def leave_out(self, part: str, precision: str, reason: str) -> None:
+        """An optional file that missed its gate this time (an earlier file that passed stays listed)."""
+        self.not_made[(part, precision)] = ConversionFailure(part, precision, reason)
         self.write()
 
     def fail(self, part: str, precision: str, error: str) -> None:
@@ -299,7 +312,12 @@ class ManifestKeeper:
 
     @property
     def manifest(self) -> Manifest:
-        return replace(self.template, artifacts=tuple(self.records.values()), failures=tuple(self.failures.values()))
+        return replace(
+            self.template,
+            artifacts=tuple(self.records.values()),
+            failures=tuple(self.failures.values()),
+            not_made=tuple(self.not_made.values()),
+        )
 
     def write(self) -> Path:
         return self.manifest.write(self.out)
@@ -332,6 +350,11 @@ def convert_target(target_name: str, config: RunConfig, photos: Photos | None = 
                 details = convert_one(target, part, precision, path)
             except Exception as error:  # any converter failure: keep going, keep the earlier file
                 message = one_line(error)
+                if part.optional and isinstance(error, GateMiss):
+                    kept = " (the earlier file is kept)" if (part.name, precision) in keeper.records else ""
+                    print(f"not made: {target.name} {part.name} {precision}: {message}{kept}", file=sys.stderr)
+                    keeper.leave_out(part.name, precision, message)
+                    continue
                 kept = " (the earlier file is kept)" if (part.name, precision) in keeper.records else ""
                 print(f"FAILED {target.name} {part.name} {precision}: {message}{kept}", file=sys.stderr)
                 keeper.fail(part.name, precision, message)

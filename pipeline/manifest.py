@@ -67,6 +67,9 @@ class Manifest:
     tool_versions: dict[str, str]
     artifacts: tuple[ArtifactRecord, ...]
     failures: tuple[ConversionFailure, ...] = ()
+    not_made: tuple[ConversionFailure, ...] = ()
+    """Optional files (the batched decoder) that converted but missed their precision's gate, so
+    they are not shipped; not failures."""
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
 
@@ -104,7 +107,8 @@ def read_manifest(path: Path) -> Manifest:
         raw.pop("random_weights", None)
         artifacts = tuple(ArtifactRecord(**item) for item in raw.pop("artifacts"))
         failures = tuple(ConversionFailure(**item) for item in raw.pop("failures", []))
-        manifest = Manifest(artifacts=artifacts, failures=failures, **raw)
+        not_made = tuple(ConversionFailure(**item) for item in raw.pop("not_made", []))
+        manifest = Manifest(artifacts=artifacts, failures=failures, not_made=not_made, **raw)
     except (KeyError, TypeError, AttributeError) as error:
         raise ArtifactError(f"{path} is missing manifest fields or has malformed ones: {error}") from None
     if not isinstance(manifest.weights, dict) or not isinstance(manifest.config, dict):

@@ -69,10 +69,11 @@ def photos() -> CocoPhotos:
 @pytest.fixture(scope="session")
 def coreml_fp32(tmp_path_factory) -> Path:
     """A real convert output with the defaults a user gets (Core ML fp32, random weights seed 0,
-    the shipped sample photos). Tests that damage it work on a copy."""
+    the shipped sample photos) but a batched decoder of B = 16 (64 rows cost the emulator
+    minutes across the tests that use it). Tests that damage it work on a copy."""
     from mobile_targets.convert import convert_target
     from pipeline.config import RunConfig
 
     out = tmp_path_factory.mktemp("coreml_fp32")
-    convert_target("coreml", RunConfig(precisions=("fp32",), out_dir=out))
+    convert_target("coreml", RunConfig(precisions=("fp32",), out_dir=out, batch_prompts=16))
     return out

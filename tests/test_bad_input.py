@@ -236,15 +236,17 @@ def test_validate_isolates_every_failure(coreml_fp32, tmp_path, capsys, monkeypa
     )
     assert status == 1
     failed = [line for line in stderr.splitlines() if line.startswith("FAILED: ")]
-    assert len(failed) == 4, stderr[-3000:]
+    assert len(failed) == 5, stderr[-3000:]
     assert "FAILED: pair coreml fp32 encoder + fp32 decoder: output low_res_masks had" in stderr
+    assert "FAILED: coreml segment everything (fp32 encoder + fp32 batched decoder, zero thresholds)" in stderr
     report = json.loads((out / "report.json").read_text())
     runs = {run["target"]: run for run in report["runs"]}
     assert "not valid JSON" in runs["tflite"]["error"]
     (executorch,) = runs["executorch"]["artifacts"]
     print("executorch row:", executorch["error"])
     assert str(garbage) in executorch["error"] and "\n" not in executorch["error"]
-    encoder, decoder = runs["coreml"]["artifacts"]
+    encoder, decoder, batched = runs["coreml"]["artifacts"]
+    assert batched["gate"]["passed"] and batched["part"] == "prompt_decoder_batched"
     assert encoder["non_finite_outputs"]["image_embeddings"] > 0
     assert "output image_embeddings had" in encoder["gate"]["failures"][0]
     assert decoder["gate"]["passed"] and decoder["decoder"]["box_point"]["mask_iou"]["min"] > 0.99

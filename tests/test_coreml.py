@@ -31,7 +31,9 @@ mask IoU are held to the validate stage's own gates (validation.gates.DEFAULT_GA
 
 @pytest.fixture(scope="module")
 def coreml_run(tmp_path_factory, official_checkpoint):
-    config = RunConfig(checkpoint=official_checkpoint, precisions=PRECISIONS, out_dir=tmp_path_factory.mktemp("out"))
+    config = RunConfig(  # the batched decoder's Core ML files are covered by test_targets
+        checkpoint=official_checkpoint, precisions=PRECISIONS, out_dir=tmp_path_factory.mktemp("out"), batch_prompts=0
+    )
     manifest_path = convert_target("coreml", config)
     return manifest_path, read_manifest(manifest_path)
 
@@ -150,7 +152,7 @@ def test_image_type_encoder(official_checkpoint, photos, tmp_path):
     from pipeline.checkpoints import load_model
 
     sam, _ = load_model("vit_t", official_checkpoint)
-    encoder_part = build_parts(RunConfig(), sam, photos)[0]
+    encoder_part = build_parts(RunConfig(batch_prompts=0), sam, photos)[0]
     target = get_target("coreml").with_options({"encoder_input": "image"})
     path = tmp_path / "image_encoder_fp16.mlpackage"
     details = target.convert_part(encoder_part, "fp16", path)

@@ -120,7 +120,7 @@ def test_cli_bad_input_is_one_line(tmp_path, coreml_fp32):
 
 
 def test_cli_writes_masks_overlay_and_comparison(tmp_path, coreml_fp32):
-    """The Core ML fp32 files a user gets by default (B = 64), segment everything on a photo."""
+    """The Core ML fp32 files (B = 16), segment everything on a photo."""
     photo = next((REPO / "pipeline" / "sample_photos" / "validation" / "images").iterdir())
     command = [sys.executable, "-m", "validation.segment_everything", "--out", str(coreml_fp32), "--target"]
     command += ["coreml", "--image", str(photo), "--result", str(tmp_path), "--points-per-side", "4"]
@@ -132,5 +132,5 @@ def test_cli_writes_masks_overlay_and_comparison(tmp_path, coreml_fp32):
         "segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box"
     }  # fmt: skip
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["pytorch"]["reproduced"] and summary["decoder_calls"] == 1  # 16 points in one B = 64 call
+    assert summary["pytorch"]["reproduced"] and summary["decoder_calls"] == 1  # 16 points in one B = 16 call
     assert (tmp_path / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 
 from pipeline.checkpoints import load_model
-from pipeline.contract import contract_for
 from pipeline.datasets import CocoPhotos
 from pipeline.gates import DEFAULT_GATES, selftest_tolerance
 from pipeline.manifest import read_manifest
@@ -31,7 +30,7 @@ def test_vectors_hold_pytorch_fp32_not_the_file(coreml_fp32):
         assert info["file"] == record.file.replace(".mlpackage", ".selftest.npz")
         assert info["tolerance"] == selftest_tolerance(DEFAULT_GATES["fp32"], record.part).to_json()
         with np.load(coreml_fp32 / "coreml" / info["file"]) as archive:
-            contract = contract_for(record.part)
+            contract = manifest.contract(record.part)
             assert sorted(archive.files) == sorted(
                 [f"case{i}.input.{n}" for i in range(len(info["cases"])) for n in contract.input_names]
                 + [f"case{i}.expected.{n}" for i in range(len(info["cases"])) for n in contract.output_names]
@@ -39,6 +38,12 @@ def test_vectors_hold_pytorch_fp32_not_the_file(coreml_fp32):
         cases = read_vectors(coreml_fp32 / "coreml" / info["file"], info["cases"], contract)
         if record.part == "image_encoder":
             np.testing.assert_allclose(cases[0].expected["image_embeddings"], expected_embeddings, rtol=0, atol=1e-6)
+        elif record.part == "prompt_decoder_batched":  # the four one-prompt vectors' prompts, then grid points
+            assert info["cases"] == ["grid"]
+            (grid,) = cases
+            outputs = reference.decoder.run(grid.inputs)
+            for name, value in grid.expected.items():
+                np.testing.assert_allclose(value, outputs[name], rtol=0, atol=1e-5)
         else:
             assert info["cases"] == ["point", "box", "box_point", "refine"]
             refine = cases[3]
@@ -51,7 +56,7 @@ def test_vectors_hold_pytorch_fp32_not_the_file(coreml_fp32):
 
 def test_selftest_passes_on_fresh_files_and_fails_on_one_changed_weight(coreml_fp32, tmp_path, capsys, monkeypatch):
     status, stdout, _ = run_stage("validation.selftest", "--out", coreml_fp32, capsys=capsys, monkeypatch=monkeypatch)
-    assert status == 0 and stdout.count("pass coreml") == 2, stdout
+    assert status == 0 and stdout.count("pass coreml") == 3, stdout
     damaged = shutil.copytree(coreml_fp32, tmp_path / "out")
     set_coreml_weights(damaged / "coreml" / "image_encoder_fp32.mlpackage", 10.0, count=1)  # one weight of millions
     status, stdout, stderr = run_stage("validation.selftest", "--out", damaged, capsys=capsys, monkeypatch=monkeypatch)

@@ -212,6 +212,8 @@ class RunResult:
     weights: str = ""
     random_weights: bool = False
     conversion_failures: list[dict[str, str]] = field(default_factory=list)
+    not_made: list[dict[str, str]] = field(default_factory=list)
+    """Optional files (batched decoder) left out at conversion because they missed their gate."""
     prompt_cases: list[dict[str, Any]] = field(default_factory=list)
     baselines: Baselines = field(default_factory=Baselines)
     teacher: dict[str, KindScores] | None = None

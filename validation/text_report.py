@@ -151,6 +151,12 @@ def _run_line(run: RunResult) -> str:
 def summary_markdown(report: Report) -> str:
     lines = ["## Files", "", *_table(SUMMARY_HEADER, summary_rows(report)), ""]
     lines += [_run_line(run) + "  " for run in report.runs]
+    lines += [
+        f"{run.target}: not made (missed their gate at conversion, not shipped): {item['part']} {item['precision']}: "
+        f"{item['error']}  "
+        for run in report.runs
+        for item in run.not_made
+    ]
     lines += [f"Photos: {report.photos}."]
     if not report.ground_truth:
         lines.append(

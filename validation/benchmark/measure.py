@@ -187,7 +187,7 @@ def point_sweep(
     torch.set_num_threads(threads)
     sweep = []
     for count in points:
-        config = replace(RunConfig(), num_points=count, model_type=model_type)
+        config = replace(RunConfig(), num_points=count, model_type=model_type, batch_prompts=0)
         _, decoder = build_parts(config, sam, CocoPhotos.sample("calibration"))
         with torch.inference_mode():
             timing = time_call(lambda decoder=decoder: decoder.module(*decoder.example_inputs), threads, warmup, runs)
