@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pycocotools import mask as mask_utils
 
 from mobile_targets import load_artifact_runner
 from mobile_targets.convert import convert_target
@@ -24,6 +25,7 @@ from pipeline.checkpoints import load_model
 from pipeline.config import RunConfig
 from pipeline.datasets import SAMPLE_DIR, list_images, load_rgb
 from pipeline.manifest import read_manifest
+from pipeline.metrics import mask_iou
 from pipeline.predictor import ReferencePredictor, Segmenter
 from pipeline.processing import Prompt
 
@@ -109,6 +111,15 @@ def _click_photo(page, fx: float, fy: float, previous: str = "") -> dict:
     return json.loads(page.input_value("#details textarea"))
 
 
+def _same_mask(shown: np.ndarray, expected) -> bool:
+    """The page's mask is the API's: pixel for pixel, except where the API's own logit is within
+    float rounding of the 0 threshold (random weights put many logits there; two processes'
+    runtimes may round the last bit differently)."""
+    logits = expected.mask_logits[expected.selected]
+    differing = shown != expected.mask
+    return shown.shape == expected.mask.shape and bool(np.all(np.abs(logits[differing]) < 1e-3))
+
+
 def test_a_click_shows_the_files_mask_as_the_python_api_gives_it(server, browser, converted):
     from validation.tryout.engine import fit_photo, mask_digest
 
@@ -125,11 +136,17 @@ def test_a_click_shows_the_files_mask_as_the_python_api_gives_it(server, browser
     files = Segmenter(runners["prompt_decoder"], runners["image_encoder"])
     files.set_image(photo)
     x, y = details["click"]
+    assert details["points"] == [[x, y, 1]], details
     prompt = Prompt(points=np.array([[x, y]], np.float32), labels=np.array([1.0], np.float32))
-    assert details["file_mask_sha256"] == mask_digest(files.predict(prompt).mask)
+    expected = files.predict(prompt)
+    shown = mask_utils.decode(details["file_mask_rle"]).astype(bool)
+    assert details["selected_output"] == expected.selected
+    assert _same_mask(shown, expected), details["file_mask_sha256"]
     reference = ReferencePredictor(load_model("vit_t", None, 0)[0])
     reference.set_image(photo)
-    assert details["pytorch_mask_sha256"] == mask_digest(reference.predict(prompt).mask)
+    pytorch = reference.predict(prompt)
+    if details["pytorch_mask_sha256"] != mask_digest(pytorch.mask):  # only pixels at the 0 boundary may flip
+        assert mask_iou(pytorch.mask, shown) > 0.99
     assert details["mask_iou_file_vs_pytorch"] > 0.99 and details["file_mask_pixels"] > 0
     assert not outside, f"the page fetched from the network: {outside[:3]}"
     page.close()

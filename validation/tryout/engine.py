@@ -84,6 +84,7 @@ class Answer:
         return {
             "mask_iou_file_vs_pytorch": self.iou,
             "file_mask_sha256": mask_digest(self.file.mask),
+            "file_mask_rle": mask_rle(self.file.mask),
             "pytorch_mask_sha256": mask_digest(self.pytorch.mask),
             "file_mask_pixels": int(self.file.mask.sum()),
             "selected_output": self.file.selected,
@@ -96,6 +97,14 @@ class Answer:
 def mask_digest(mask: np.ndarray) -> str:
     """A short fingerprint of a boolean mask (what the browser test compares with the Python API)."""
     return hashlib.sha256(np.packbits(mask.astype(bool)).tobytes() + str(mask.shape).encode()).hexdigest()[:16]
+
+
+def mask_rle(mask: np.ndarray) -> dict:
+    """The mask as COCO RLE (what the browser test decodes and compares pixel by pixel)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
 
 
 def fit_photo(image: np.ndarray) -> tuple[np.ndarray, str | None]:
