@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
 
 from pipeline.errors import PipelineError
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1, or one line saying what it got."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from mobile_targets import check_target_options
-from pipeline.cli import exit_status, run_main, setup_logging
+from pipeline.cli import exit_status, positive, run_main, setup_logging
 from pipeline.config import add_run_arguments, config_from_args
 from pipeline.datasets import photos_from_options
 from pipeline.errors import one_line
@@ -22,13 +22,6 @@ from validation.gates import gates_from_config
 from validation.html_report import write_html
 from validation.run import TeacherSpec, ValidationSettings, validate_run
 from validation.text_report import summary_markdown
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main() -> int:

@@ -23,7 +23,7 @@ from PIL import Image
 
 from mobile_targets import load_artifact_runner
 from pipeline.checkpoints import load_model
-from pipeline.cli import run_main, setup_logging
+from pipeline.cli import positive, run_main, setup_logging
 from pipeline.contract import BATCHED_DECODER, ENCODER, prompts_per_call
 from pipeline.datasets import load_rgb
 from pipeline.errors import ArtifactError, ConfigError
@@ -92,13 +92,6 @@ def _unit_interval(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m validation.segment_everything", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("artifacts"), help="a convert output folder")
@@ -108,11 +101,11 @@ def main() -> int:
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--result", type=Path, required=True, help="folder for masks.json and overlay.png")
     parser.add_argument("--checkpoint", type=Path, help="the weights the folder was converted from")
-    parser.add_argument("--points-per-side", type=_positive, default=GENERATOR_DEFAULTS["points_per_side"])
+    parser.add_argument("--points-per-side", type=positive, default=GENERATOR_DEFAULTS["points_per_side"])
     parser.add_argument("--pred-iou-thresh", type=float, default=GENERATOR_DEFAULTS["pred_iou_thresh"])
     parser.add_argument("--stability-score-thresh", type=float, default=GENERATOR_DEFAULTS["stability_score_thresh"])
     parser.add_argument("--box-nms-thresh", type=_unit_interval, default=GENERATOR_DEFAULTS["box_nms_thresh"])
-    parser.add_argument("--threads", type=_positive)
+    parser.add_argument("--threads", type=positive)
     parser.add_argument("--compare-pytorch", action="store_true", help="also run SamAutomaticMaskGenerator")
     args = parser.parse_args()
     setup_logging()
