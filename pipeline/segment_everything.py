@@ -32,8 +32,6 @@ GENERATOR_DEFAULTS = {
 }
 """segment-anything's defaults (crop layers off)."""
 
-RECORD_KEYS = ("segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box")
-
 
 @dataclass
 class CallTimes:

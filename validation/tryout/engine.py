@@ -21,7 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
 from pipeline.metrics import mask_iou
 from pipeline.predictor import BatchedDecoder, NamedRunner, Prediction, ReferencePredictor, Segmenter
-from pipeline.processing import Prompt, default_multimask, prepare_image
+from pipeline.processing import PreparedImage, Prompt, default_multimask, prepare_image
 from pipeline.segment_everything import AutomaticMaskGenerator, RunnerPredictor
 from validation.reference import reference_weights
 
@@ -136,7 +136,9 @@ class TryoutEngine:
                 self.files[choice.label] = choice
         self._runners: dict[tuple[str, int, int], NamedRunner] = {}
         self._references: dict[str, ReferencePredictor] = {}
-        self._embeddings: dict[tuple[str, str], np.ndarray] = {}
+        self._photo: tuple[str, PreparedImage] | None = None
+        self._embeddings: dict[str, np.ndarray] = {}
+        """Embeddings of the current photo by owner: one photo at a time."""
 
     def labels(self, part: str, target: str | None = None) -> list[str]:
         return [
@@ -169,19 +171,21 @@ class TryoutEngine:
             self._references[key] = ReferencePredictor(sam, choice.manifest.config["num_points"])
         return self._references[key]
 
-    def _embed(
-        self, runner: NamedRunner, photo_key: str, owner: str, image: np.ndarray
-    ) -> tuple[np.ndarray, float | None]:
-        key = (photo_key, owner)
-        if key in self._embeddings:
-            return self._embeddings[key], None
-        prepared = prepare_image(image)
+    def _prepared(self, photo_key: str, image: np.ndarray) -> PreparedImage:
+        """The photo resized and padded once; a new photo drops the last one's embeddings."""
+        if self._photo is None or self._photo[0] != photo_key:
+            self._photo = (photo_key, prepare_image(image))
+            self._embeddings = {}
+        return self._photo[1]
+
+    def _embed(self, runner: NamedRunner, owner: str, prepared: PreparedImage) -> tuple[np.ndarray, float | None]:
+        """The photo's embeddings by `owner` (a file's label or PyTorch), and the encoder's ms when run now."""
+        if owner in self._embeddings:
+            return self._embeddings[owner], None
         start = time.perf_counter()
         embeddings = runner.run({"image": prepared.image})["image_embeddings"]
-        elapsed = (time.perf_counter() - start) * 1000
-        self._embeddings = {k: v for k, v in self._embeddings.items() if k[0] == photo_key}  # one photo at a time
-        self._embeddings[key] = embeddings
-        return embeddings, elapsed
+        self._embeddings[owner] = embeddings
+        return embeddings, (time.perf_counter() - start) * 1000
 
     def predict(self, image: np.ndarray, photo_key: str, clicks: Clicks, encoder: str, decoder: str) -> Answer:
         encoder_choice, decoder_choice = self.choice(encoder, ENCODER), self.choice(decoder, DECODER)
@@ -197,9 +201,9 @@ class TryoutEngine:
             raise PipelineError("click on the photo to add a point")
         reference = self.reference(decoder_choice)
         file_encoder, file_decoder = self.runner(encoder_choice), self.runner(decoder_choice)
-        prepared = prepare_image(image)
-        file_embeddings, encoder_ms = self._embed(file_encoder, photo_key, encoder_choice.label, image)
-        torch_embeddings, _ = self._embed(reference.encoder, photo_key, "pytorch", image)
+        prepared = self._prepared(photo_key, image)
+        file_embeddings, encoder_ms = self._embed(file_encoder, encoder_choice.label, prepared)
+        torch_embeddings, _ = self._embed(reference.encoder, "pytorch", prepared)
         pytorch_side = Segmenter(reference.decoder, num_points=num_points)
         pytorch_side.set_embeddings(prepared, torch_embeddings)
         file_side = Segmenter(file_decoder, num_points=num_points)
@@ -219,8 +223,11 @@ class TryoutEngine:
     def batched_decoder(self, encoder: str) -> FileChoice | None:
         """The batched decoder of the encoder's target and precision (or fp32), if converted."""
         target = self.choice(encoder, ENCODER).record
-        candidates = {c.record.precision: c for c in self.files.values() if c.record.target == target.target}
-        candidates = {p: c for p, c in candidates.items() if c.record.part == BATCHED_DECODER}
+        candidates = {
+            c.record.precision: c
+            for c in self.files.values()
+            if c.record.target == target.target and c.record.part == BATCHED_DECODER
+        }
         return candidates.get(target.precision) or candidates.get("fp32")
 
     def segment_everything(
