@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from segment_anything.modeling import Sam
+from timm.models.tiny_vit import Attention as TinyVitAttention
 
 from pipeline.errors import CheckpointError
 from pipeline.files import atomic_write_bytes, sha256_file
@@ -204,6 +205,7 @@ def load_model(model_type: ModelType, checkpoint: Path | None = None, seed: int 
     if checkpoint is None:
         torch.manual_seed(seed)
         model = build_model(model_type)
+        randomize_attention_biases(model, seed)
         source = WeightsSource(model_type=model_type, checkpoint=None, sha256=None, seed=seed)
         log.warning("No checkpoint given: %s uses seeded random weights (%s)", model_type, source.describe())
     else:
@@ -216,6 +218,25 @@ def load_model(model_type: ModelType, checkpoint: Path | None = None, seed: int 
         )
         log.info("Loaded %s from %s", model_type, source.describe())
     return model.eval(), source
+
+
+RANDOM_BIAS_STD = 0.02
+"""Spread of the seeded relative-position biases (timm's weight init spread)."""
+
+
+def randomize_attention_biases(model: Sam, seed: int) -> None:
+    """Give TinyViT's relative-position bias tables seeded non-zero values.
+
+    Why: timm initialises them to zeros, and a converter may drop an all-zero bias add, so files
+    made from fresh weights would be smaller than real checkpoints' and hide a bias table
+    expanded to heads x tokens x tokens. A generator of its own leaves every other weight as it was.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.image_encoder.modules():
+            if isinstance(module, TinyVitAttention):
+                noise = torch.randn(module.attention_biases.shape, generator=generator) * RANDOM_BIAS_STD
+                module.attention_biases.copy_(noise)
 
 
 def official_state_dict(model: Sam, model_type: ModelType) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.mask_decoder import MaskDecoder
+from segment_anything.modeling.prompt_encoder import PositionEmbeddingRandom
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
 from torch import nn
 
@@ -62,16 +63,40 @@ def append_padding_slot(point_coords: torch.Tensor, point_labels: torch.Tensor) 
     return coords, labels
 
 
-def dense_pe_as_tokens(sam: Sam) -> torch.Tensor:
-    """The image positional encoding as a contiguous (1, 4096, 256) token-layout constant.
+def image_pe_axis_points(grid_size: int) -> torch.Tensor:
+    """(1, 2 * grid_size, 2) points whose encodings are the image PE's per-column and per-row terms.
 
-    Why: segment-anything flattens and permutes the (1, 256, 64, 64) encoding inside forward.
-    ExecuTorch 1.5.1 folds that view of a constant into a non-contiguous constant and
-    serializes it with the wrong layout: `k + pe.flatten(2).permute(0, 2, 1)` alone came out at
-    13.9 dB PSNR, the whole decoder at 47 dB. Precomputing the layout avoids the fold.
+    segment-anything encodes grid cell (row i, column j) at ((j + 0.5) / g, (i + 0.5) / g) in
+    [0, 1] coordinates; the encoder maps them to [-1, 1], so a coordinate of 0.5 contributes
+    nothing. Column points are (x_j, 0.5), row points (0.5, y_i).
     """
-    with torch.no_grad():
-        return sam.prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1).contiguous().clone()
+    centres = (torch.arange(grid_size, dtype=torch.float32) + 0.5) / grid_size
+    middle = torch.full_like(centres, 0.5)
+    columns = torch.stack([centres, middle], dim=-1)
+    rows = torch.stack([middle, centres], dim=-1)
+    return torch.cat([columns, rows], dim=0).unsqueeze(0)
+
+
+def image_pe_tokens_at_run_time(
+    pe_layer: PositionEmbeddingRandom, axis_points: torch.Tensor, anchor_points: torch.Tensor
+) -> torch.Tensor:
+    """The image positional encoding (1, g * g, 256), in token layout, computed in the graph.
+
+    Why: stored, it is a 1x4096x256 constant (4.2 MB fp32) in every decoder file. Its argument is
+    separable, 2 pi (u_j + v_i) for column j and row i, so sin and cos of the 2g axis terms and
+    the angle-sum identities rebuild it from a 2x128 matrix. The axis points are encoded together
+    with the prompt's points (`anchor_points`, whose rows are dropped): on a constant alone
+    litert-torch and coremltools would fold the result back into the full table, and Core ML's
+    fp16 packages keep the point encoding's sin/cos in fp32 (its op selector follows point_coords).
+    """
+    grid_size = axis_points.shape[1] // 2
+    encoded = pe_layer._pe_encoding(torch.cat([axis_points, anchor_points[:1]], dim=1))[0, : 2 * grid_size]
+    half = encoded.shape[-1] // 2
+    sin_u, cos_u = encoded[None, :grid_size, :half], encoded[None, :grid_size, half:]
+    sin_v, cos_v = encoded[grid_size:, None, :half], encoded[grid_size:, None, half:]
+    sin_uv = sin_u * cos_v + cos_u * sin_v
+    cos_uv = cos_u * cos_v - sin_u * sin_v
+    return torch.cat([sin_uv, cos_uv], dim=-1).reshape(1, grid_size * grid_size, 2 * half)
 
 
 def _attend(
@@ -136,7 +161,8 @@ class PromptDecoderForExport(nn.Module):
         super().__init__()
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder: MaskDecoder = sam.mask_decoder
-        self.register_buffer("image_pe_tokens", dense_pe_as_tokens(sam), persistent=False)
+        grid_size = self.prompt_encoder.image_embedding_size[0]
+        self.register_buffer("image_pe_axis_points", image_pe_axis_points(grid_size), persistent=False)
 
     def _embed_points(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
         """PromptEncoder._embed_points with label lookups as arithmetic; box corners are labels 2, 3."""
@@ -176,7 +202,9 @@ class PromptDecoderForExport(nn.Module):
             dim=1,
         )
         src = image_embeddings + dense
-        hidden, src = _two_way_transformer(decoder.transformer, src, self.image_pe_tokens, tokens, token_bias)
+        coords = (point_coords + 0.5) / IMAGE_SIZE
+        image_pe = image_pe_tokens_at_run_time(self.prompt_encoder.pe_layer, self.image_pe_axis_points, coords)
+        hidden, src = _two_way_transformer(decoder.transformer, src, image_pe, tokens, token_bias)
         iou_token_out = hidden[:, 0, :]
         mask_tokens_out = hidden[:, 1 : 1 + decoder.num_mask_tokens, :]
         _, c, h, w = image_embeddings.shape

@@ -67,7 +67,7 @@ class MobileSamTinyViT(TinyVit):
 
 
 def _make_attention_export_friendly(encoder: TinyVit) -> None:
-    """Two patches to timm's TinyVit Attention, each needed by a converter or by correctness.
+    """Three patches to timm's TinyVit Attention, each needed by a converter or by correctness.
 
     1. Gather the relative-position biases on every call. In eval mode timm caches them in a
        dict: the cache goes stale when weights change later (load_state_dict, a distillation
@@ -80,6 +80,7 @@ def _make_attention_export_friendly(encoder: TinyVit) -> None:
        (4-D `@` after a split) exports as expand_copy and split_with_sizes_copy kernels, which
        XNNPACK does not take, so every attention block left the delegate four times. It is also
        upstream MobileSAM's order of operations.
+    3. Keep the biases as the compact table in the converted files (`_gather_biases_at_run_time`).
     """
     for module in encoder.modules():
         if isinstance(module, TinyVitAttention):
@@ -91,10 +92,30 @@ def _gather_attention_biases(self: TinyVitAttention, device: torch.device) -> to
     return self.attention_biases[:, self.attention_bias_idxs]
 
 
+_ANCHOR_COLUMNS = 16
+"""Activation columns appended to each bias table: more than 10 elements, because coremltools
+turns a concat input of at most 10 elements into symbols and folds the gather anyway."""
+
+
+def _gather_biases_at_run_time(self: TinyVitAttention, x: torch.Tensor) -> torch.Tensor:
+    """The (heads, tokens, tokens) bias, gathered from a table the converters cannot fold.
+
+    Why: gathering a constant table with constant indices is folded by litert-torch and
+    coremltools into the full heads x tokens x tokens table (14 times the compact table for
+    14x14 windows). Columns taken from the activations (`_ANCHOR_COLUMNS`) are appended to the table, so the
+    gather's input is no longer constant; no index points at those columns, so the result is
+    bit-identical to timm's. (A `0 * x` term is not enough: litert-torch folds it.)
+    """
+    anchor = x[0, : self.num_heads, :_ANCHOR_COLUMNS].to(self.attention_biases.dtype)
+    table = torch.cat([self.attention_biases, anchor], dim=1)
+    indices = self.attention_bias_idxs
+    return torch.index_select(table, 1, indices.flatten()).view(self.num_heads, *indices.shape)
+
+
 def _attention_as_bmm(self: TinyVitAttention, x: torch.Tensor) -> torch.Tensor:
     """timm's TinyVit attention, the same arithmetic, with (windows x heads) folded into one
     batch dimension so both matmuls are `bmm` and q, k, v are slices (no expand, no split)."""
-    attention_bias = self.get_attention_biases(x.device)
+    attention_bias = _gather_biases_at_run_time(self, x)
     windows, tokens, _ = x.shape
     heads = self.num_heads
     qkv = self.qkv(self.norm(x)).view(windows, tokens, heads, -1).permute(0, 2, 1, 3)

@@ -292,6 +292,8 @@ def test_every_kernel_has_a_case():
         "constexpr_affine_dequantize",
         "constexpr_blockwise_shift_scale",
         "constexpr_lut_to_dense",
+        "quantize",  # test_activation_quantize_dequantize_matches_coremltools
+        "dequantize",
     }
     assert set(KERNELS) == tested
 
@@ -350,6 +352,49 @@ def test_compressed_weights_match_coremltools(opset_name, compression, tmp_path)
     x = _x(2, 96)
     out = next(iter(emulated.run({next(iter(emulated.inputs)): x}, mode="fp32").values()))
     np.testing.assert_allclose(out, x @ expected_weight.T, rtol=1e-4, atol=1e-3)
+
+
+QUANTIZE_SETTINGS = [
+    ("int8-per-tensor", np.float32(0.013), None, None, "int8"),
+    ("uint8-per-axis", _x(3, low=0.005, high=0.02), np.array([120, 128, 135], np.uint8), 1, "uint8"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "scale", "zero_point", "axis", "dtype"), QUANTIZE_SETTINGS, ids=[s[0] for s in QUANTIZE_SETTINGS]
+)
+def test_activation_quantize_dequantize_matches_coremltools(name, scale, zero_point, axis, dtype, tmp_path):
+    """A W8A8 package's quantize -> dequantize pair: the integers equal coremltools' own
+    quantize value inference (saturation included), the floats (q - zero_point) * scale."""
+    x = _x(2, 3, 4, low=-3.0, high=3.0)
+    settings = {"scale": scale, "output_dtype": dtype}
+    if zero_point is not None:
+        settings.update(zero_point=zero_point, axis=axis)
+    dequantize_settings = {k: v for k, v in settings.items() if k != "output_dtype"}
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)], opset_version=ct.target.iOS17)
+    def program(data):
+        return mb.dequantize(input=mb.quantize(input=data, **settings), **dequantize_settings)
+
+    _save(program, tmp_path / "qdq.mlpackage")
+    emulated = MilProgram(tmp_path / "qdq.mlpackage")
+    assert {"quantize", "dequantize"} <= emulated.op_types
+    out = next(iter(emulated.run({next(iter(emulated.inputs)): x}, mode="fp32").values()))
+
+    inferred: dict[str, Any] = {}
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1,))], opset_version=ct.target.iOS17)
+    def holder(dummy):
+        inferred["integers"] = mb.quantize(input=x, **settings).val
+        return dummy
+
+    integers = np.asarray(inferred["integers"]).astype(np.float32)
+    low, high = (-128, 127) if dtype == "int8" else (0, 255)
+    assert integers.min() == low or integers.max() == high  # the range saturates somewhere
+    shape = [1, -1, 1] if axis is not None else [1]
+    zero = np.zeros(1, np.float32) if zero_point is None else zero_point.astype(np.float32).reshape(shape)
+    expected = (integers - zero) * np.asarray(scale, np.float32).reshape(shape)
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_unknown_op_is_one_clear_line(tmp_path):

@@ -19,6 +19,7 @@ own arithmetic differ. Reports say "emulated" wherever these numbers appear.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -312,8 +313,11 @@ class MilProgram:
             for value, (_, output_type) in zip(results, op.outputs, strict=True)
         )
 
-    def run(self, inputs: dict[str, np.ndarray], mode: str = "fp16") -> dict[str, np.ndarray]:
-        """Named float32 arrays in, named float32 arrays out."""
+    def run(
+        self, inputs: dict[str, np.ndarray], mode: str = "fp16", intermediates: Collection[str] = ()
+    ) -> dict[str, np.ndarray]:
+        """Named float32 arrays in, named float32 arrays out: the program's outputs, and the
+        values of the `intermediates` named (what coremltools' calibration asks for)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         env: dict[str, Any] = {}
@@ -330,7 +334,8 @@ class MilProgram:
             for op in self.operations:
                 for (output_name, _), value in zip(op.outputs, self._execute(op, env, mode), strict=True):
                     env[output_name] = value
-        return {name: self._resolve(("var", name), env).float().numpy() for name in self.output_names}
+        names = (*self.output_names, *(name for name in intermediates if name not in self.output_names))
+        return {name: self._resolve(("var", name), env).float().numpy() for name in names}
 
 
 # --- fp16 twin check ---------------------------------------------------------------------

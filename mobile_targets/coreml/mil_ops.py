@@ -490,6 +490,40 @@ def identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+# --- activation quantization (iOS17 quantize / dequantize, W8A8 packages) ------------------
+
+_INTEGER_RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
+
+
+def _per_axis(values: Any, rank: int, axis: Any) -> torch.Tensor:
+    """A scalar, or a vector laid along `axis` of a rank-`rank` tensor."""
+    tensor = torch.as_tensor(values).float()
+    if tensor.numel() == 1 or axis is None:
+        return tensor.reshape(())
+    shape = [1] * rank
+    shape[_axis(_int(axis), rank)] = -1
+    return tensor.reshape(shape)
+
+
+@kernel("quantize")
+def quantize(
+    input: torch.Tensor, scale: Any, output_dtype: Any, zero_point: Any = None, axis: Any = None
+) -> torch.Tensor:
+    """round(x / scale + zero_point), saturated to the integer type (round half to even)."""
+    low, high = _INTEGER_RANGES[str(output_dtype)]
+    x = input.float()
+    zero = _per_axis(0 if zero_point is None else zero_point, x.dim(), axis)
+    return torch.clamp(torch.round(x / _per_axis(scale, x.dim(), axis) + zero), low, high)
+
+
+@kernel("dequantize")
+def dequantize(input: torch.Tensor, scale: Any, zero_point: Any = None, axis: Any = None) -> torch.Tensor:
+    """(q - zero_point) * scale."""
+    x = torch.as_tensor(input).float()
+    zero = _per_axis(0 if zero_point is None else zero_point, x.dim(), axis)
+    return (x - zero) * _per_axis(scale, x.dim(), axis)
+
+
 # --- compressed weights (constexpr_*): decoded once at load time --------------------------
 
 
