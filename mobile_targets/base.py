@@ -7,7 +7,7 @@ through this, so a new target is one module plus one line in the registry.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,9 @@ class PartToConvert:
     """The model's real architecture (pipeline.model.describe_architecture), for metadata."""
     selftest: tuple[SelftestCase, ...] = ()
     """Vectors that travel with the file (`<stem>.selftest.npz`): inputs and PyTorch fp32's outputs."""
+    calibration: Callable[[], tuple[dict[str, np.ndarray], ...]] | None = None
+    """Inputs from several real photos and prompts, by contract name, made on demand: only static
+    activation quantization (Core ML w8a8) reads them."""
     optional: bool = False
     """A precision whose file misses its gate is left out (`not_made`), not a failed conversion: the
     batched decoder ships in the precisions that hold (e.g. dynamic int8 quantizes activations over

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from dataclasses import replace
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ class GateMiss(ArtifactError):
     """A fresh file that converted and runs but misses its precision's gate (PSNR or self-test vectors)."""
 
 
-GATE_PSNR_DB = {"fp32": 60.0, "fp16": 30.0, "int8": 10.0, "palettize6": 10.0}
+GATE_PSNR_DB = {"fp32": 60.0, "fp16": 30.0, "int8": 10.0, "palettize6": 10.0, "w8a8": 10.0}
 """Minimum PSNR of every output against PyTorch on the example photo, checked right after
 conversion. Loose for quantized files: they are scored properly by the validate stage."""
 
@@ -96,14 +97,15 @@ def build_parts(config: RunConfig, sam: torch.nn.Module, photos: Photos) -> list
     named = reference.decoder_inputs(prompts[0])
     encoder_selftest, decoder_selftest = selftest_cases(reference, prompts[0])
     architecture = describe_architecture(config.model_type)
+    calibration = CalibrationPhotos(sam, photos, config.num_points)
     parts = [
         PartToConvert(
             reference.encoder_module, encoder_contract(), (torch.from_numpy(reference.prepared.image),),
-            architecture=architecture, selftest=encoder_selftest,
+            architecture=architecture, selftest=encoder_selftest, calibration=calibration.encoder_samples,
         ),
         PartToConvert(
             reference.decoder_module, contract, tuple(torch.from_numpy(named[n]) for n in contract.input_names),
-            architecture=architecture, selftest=decoder_selftest,
+            architecture=architecture, selftest=decoder_selftest, calibration=calibration.decoder_samples,
         ),
     ]  # fmt: skip
     if config.batch_prompts:
@@ -116,10 +118,50 @@ def build_parts(config: RunConfig, sam: torch.nn.Module, photos: Photos) -> list
                 tuple(torch.from_numpy(case.inputs[name]) for name in batched.input_names),
                 architecture=architecture,
                 selftest=(case,),
+                calibration=partial(calibration.batched_decoder_samples, config.batch_prompts),
                 optional=True,
             )
         )
     return parts
+
+
+CALIBRATION_PHOTOS = 4
+"""Photos whose activations set a statically quantized file's int8 ranges."""
+
+
+class CalibrationPhotos:
+    """Encoder and decoder inputs on the first CALIBRATION_PHOTOS photos, each with its example
+    prompts as a point, as a box, and as a refinement with the point's mask; made once, on first
+    use: only statically quantized activations (Core ML w8a8) need them, and they cost a PyTorch
+    encoder pass per photo."""
+
+    def __init__(self, sam: torch.nn.Module, photos: Photos, num_points: int) -> None:
+        self.sam, self.photos, self.num_points = sam, photos, num_points
+
+    @cached_property
+    def _inputs(self) -> list[tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]]:
+        reference = ReferencePredictor(self.sam, self.num_points)
+        prepared = []
+        for image_id in self.photos.image_ids()[:CALIBRATION_PHOTOS]:
+            image = self.photos.image(image_id)
+            reference.set_image(image)
+            rows = []
+            for prompt in example_prompts(self.photos, image_id, image.shape):
+                point = Prompt(points=prompt.points, labels=prompt.labels)
+                previous = reference.predict(point, multimask_output=True).best_low_res_mask
+                for kind in (point, Prompt(box=prompt.box), replace(point, mask_input=previous)):
+                    rows.append(reference.decoder_inputs(kind))
+            prepared.append(({"image": reference.prepared.image}, rows))
+        return prepared
+
+    def encoder_samples(self) -> tuple[dict[str, np.ndarray], ...]:
+        return tuple(image for image, _ in self._inputs)
+
+    def decoder_samples(self) -> tuple[dict[str, np.ndarray], ...]:
+        return tuple(row for _, rows in self._inputs for row in rows)
+
+    def batched_decoder_samples(self, batch: int) -> tuple[dict[str, np.ndarray], ...]:
+        return tuple(stack_prompts(rows[:batch], batch) for _, rows in self._inputs)
 
 
 def batched_selftest_case(

@@ -35,5 +35,6 @@ DEFAULT_GATES = {
     "fp16": Gate(embeddings_psnr_db=40.0, mask_iou_mean=0.98, mask_iou_min=0.95, confident_iou_mean=0.98),
     "int8": Gate(embeddings_psnr_db=25.0, mask_iou_mean=0.95, mask_iou_min=0.90, confident_iou_mean=0.95),
     # Core ML 6-bit palettes measured 27.0 dB embeddings and mask IoU mean 0.958-0.984 (min 0.939)
+    "w8a8": Gate(embeddings_psnr_db=25.0, mask_iou_mean=0.95, mask_iou_min=0.90, confident_iou_mean=0.95),
     "palettize6": Gate(embeddings_psnr_db=22.0, mask_iou_mean=0.93, mask_iou_min=0.85, confident_iou_mean=0.95),
 }

@@ -17,6 +17,7 @@ from mobile_targets.coreml.emulator import MilProgram, fp16_twin_differences
 from pipeline.config import RunConfig
 from pipeline.contract import decoder_contract, encoder_contract
 from pipeline.errors import ArtifactError, ConfigError
+from pipeline.gates import selftest_tolerance
 from pipeline.manifest import read_manifest, verify_artifact
 from pipeline.metrics import mask_iou, max_abs_error, psnr_db
 from pipeline.predictor import ReferencePredictor, Segmenter
@@ -208,3 +209,45 @@ def test_corrupt_packages_fail_with_one_line(coreml_run, tmp_path):
             target.load_runner(path, contract)
         message = str(info.value)
         assert "\n" not in message and str(path) in message, (case, message)
+
+
+def test_w8a8_decoder_is_calibrated_by_the_emulator(official_checkpoint, our_model, tmp_path):
+    """w8a8: int8 activations around the linear layers and convolutions, int8 weights, and each
+    range is the one the fp16 package's own tensors reach on the calibration photos (which the
+    emulator computed, standing in for MLModel.predict); the file still passes its self-test."""
+    from mobile_targets.coreml.activation_quantization import FLOAT_ADDS_PARTS
+    from pipeline.datasets import CocoPhotos
+    from pipeline.selftest import run_vectors
+
+    decoder = build_parts(RunConfig(batch_prompts=0), our_model, CocoPhotos.sample("calibration"))[1]
+    target = get_target("coreml")
+    target.convert_part(decoder, "w8a8", tmp_path / "w8a8.mlpackage")
+    target.convert_part(decoder, "fp16", tmp_path / "fp16.mlpackage")
+    quantized, reference = MilProgram(tmp_path / "w8a8.mlpackage"), MilProgram(tmp_path / "fp16.mlpackage")
+    quantizers = [op for op in quantized.operations if op.type == "quantize"]
+    assert len(quantizers) > 20 and "dequantize" in quantized.op_types
+    assert any(op.startswith("constexpr_") for op in _constant_op_types(tmp_path / "w8a8.mlpackage"))
+    assert "add" in FLOAT_ADDS_PARTS[decoder.name]
+    inputs = {op.arguments["input"][1] for op in quantizers if op.arguments["input"][0] == "var"}
+    seen: dict[str, float] = {}
+    for sample in decoder.calibration():
+        values = reference.run(sample, "fp16", intermediates=inputs & set(reference.var_shapes))
+        for name, value in values.items():
+            seen[name] = max(seen.get(name, 0.0), float(np.abs(value).max()))
+    matched = 0
+    for op in quantizers:
+        name = op.arguments["input"][1]
+        scale = float(np.asarray(quantized._resolve(op.arguments["scale"], {})))
+        matched += name in seen and abs(scale * 127 - seen[name]) <= 2e-3 * seen[name] + 1e-4  # symmetric: max|x| / 127
+    assert matched >= 0.8 * len(quantizers), f"{matched} of {len(quantizers)} ranges match the emulator's"
+    tolerance = selftest_tolerance(DEFAULT_GATES["w8a8"], decoder.name)
+    results = run_vectors(
+        target.load_runner(tmp_path / "w8a8.mlpackage", decoder.contract), list(decoder.selftest), tolerance
+    )
+    assert all(result.passed for result in results), [result.misses for result in results]
+
+
+def _constant_op_types(package) -> set[str]:
+    spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
+    main = spec.mlProgram.functions["main"]
+    return {op.type for op in main.block_specializations[main.opset].operations}

@@ -2,7 +2,9 @@
 
 fp16 (the default on Apple devices) and fp32 come from `ct.convert`; int8 (8-bit linear weight
 quantization) and palettize6 (6-bit k-means palettization) from `coremltools.optimize.coreml`
-applied to the fp16 package, so compute stays fp16 and only the stored weights shrink.
+applied to the fp16 package, so compute stays fp16 and only the stored weights shrink. w8a8
+(on request) adds int8 activations for the Neural Engine, calibrated on photos in the emulator
+(`mobile_targets.coreml.activation_quantization`).
 
 Each converter workaround is a function below with a docstring naming what it avoids. Core ML
 cannot run on Linux, so `load_runner` gives `MLModel.predict` on macOS and the MIL emulator
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 
 from mobile_targets.base import PartToConvert, Runner, Target
+from mobile_targets.coreml.activation_quantization import quantize_activations_and_weights
 from pipeline.config import parse_bool
 from pipeline.contract import (
     BATCHED_DECODER,
@@ -248,6 +251,7 @@ def describe_precision(precision: str, options: CoreMLOptions) -> str:
         "fp16": "fp16 weights",
         "int8": "int8 per-channel symmetric weights",
         "palettize6": "6-bit k-means palettized weights (one table per tensor)",
+        "w8a8": "int8 per-channel symmetric weights, int8 per-tensor symmetric activations calibrated on photos",
     }[precision]
     return f"{weights}, {compute}"
 
@@ -342,7 +346,7 @@ class MLModelRunner(Runner):  # pragma: no cover - needs macOS
 class CoreMLTarget(Target):
     name = "coreml"
     extension = ".mlpackage"
-    precisions = ("fp16", "fp32", "int8", "palettize6")
+    precisions = ("fp16", "fp32", "int8", "palettize6", "w8a8")
 
     def __init__(self, options: CoreMLOptions | None = None) -> None:
         self.options = options or CoreMLOptions()
@@ -388,6 +392,12 @@ class CoreMLTarget(Target):
         )
         if precision in ("int8", "palettize6"):
             model = compress_weights(model, precision)
+        elif precision == "w8a8":
+            if image_typed or part.calibration is None:
+                raise PipelineError("w8a8 needs a tensor-input part with calibration photos (encoder_input=tensor)")
+            model = quantize_activations_and_weights(
+                model, part.name, part.calibration(), WEIGHT_THRESHOLD, self.options.minimum_deployment_target
+            )
         add_metadata(model, part, precision, self.options)
         model.save(str(path))
         make_readable(path)

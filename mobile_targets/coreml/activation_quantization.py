@@ -1,0 +1,140 @@
+"""Core ML W8A8: coremltools' activation quantization, calibrated on real photos by the emulator.
+
+What an app on an A17 / M4 or later wants for the Neural Engine's int8 compute: int8 weights and
+int8 activations, as quantize/dequantize pairs around every convolution, linear layer and add
+(`coremltools.optimize.coreml.linear_quantize_activations`, iOS17+), then int8 weights
+(`linear_quantize_weights`). coremltools measures the activation ranges with `MLModel.predict`,
+which exists only on macOS; here the same saved program runs in the MIL emulator instead
+(`calibration_ranges`), so the ranges come from the very ops Core ML will run.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mobile_targets.coreml.emulator import MilProgram
+from pipeline.errors import PipelineError
+
+MINIMUM_DEPLOYMENT_TARGETS = ("iOS17", "iOS18")
+"""quantize / dequantize ops are iOS17 ops."""
+
+
+def calibration_ranges(model: Any, package: Path, samples: Sequence[dict[str, np.ndarray]]) -> dict[str, dict]:
+    """Per tensor, the min and max over every calibration sample, in coremltools' stats form.
+
+    The tensors are those coremltools would record (`ModelDebugger`'s intermediate outputs, plus
+    the inputs), run by the emulator on the saved package (same ops, fp16 rounding where it says
+    fp16). Each range keeps its tensor's dtype (MLModel.predict answers fp16 tensors in float16),
+    because the quantize op's scale takes the range's dtype and must match its input's.
+    """
+    from coremltools.optimize.coreml.experimental._model_debugger import ModelDebugger
+    from coremltools.optimize.coreml.experimental._post_training_quantization import (
+        _adjust_concat_surrounding_activation_stats,
+    )
+
+    program = MilProgram(package)
+    outputs = set(program.output_names)
+    debugger = ModelDebugger(model)
+    names = [n for n in debugger.get_intermediate_output_names(lambda op: op.spec.type != "const") if n not in outputs]
+    fp16_names = {name for op in program.operations for name, kind in op.outputs if kind.dtype == "FLOAT16"}
+    ranges: dict[str, dict] = {}
+    for sample in samples:
+        values = {**sample, **program.run(sample, "fp16", intermediates=names)}
+        for name, value in values.items():
+            if name in outputs:
+                continue
+            dtype = np.float16 if name in fp16_names else np.float32
+            low, high = dtype(np.min(value)), dtype(np.max(value))
+            seen = ranges.setdefault(name, {"rmin": low, "rmax": high})
+            seen["rmin"], seen["rmax"] = min(seen["rmin"], low), max(seen["rmax"], high)
+    _adjust_concat_surrounding_activation_stats(debugger._get_concat_op_info(), ranges)
+    return ranges
+
+
+@contextmanager
+def calibrated_by(ranges: dict[str, dict]) -> Iterator[None]:
+    """Hand `linear_quantize_activations` ranges measured here instead of by its own calibration.
+
+    Why: coremltools 9.0 calibrates through `MLModel.predict`, which needs macOS's Core ML
+    framework, and its running min/max assigns each sample's range before comparing, so only the
+    last sample counts. `calibration_ranges` runs the emulator and takes the union over samples;
+    the passes that insert the quantize/dequantize pairs stay coremltools' own.
+    """
+    import coremltools.optimize.coreml._post_training_quantization as post_training
+
+    original = post_training._get_activation_calibration_stats
+    post_training._get_activation_calibration_stats = lambda *_: ranges
+    try:
+        yield
+    finally:
+        post_training._get_activation_calibration_stats = original
+
+
+QUANTIZED_OP_TYPES = ("conv", "linear", "add")
+"""The ops coremltools puts quantize/dequantize pairs around."""
+
+
+def fp32_compute_ops(model: Any) -> list[str]:
+    """Names of the quantizable ops an fp16 package computes in fp32 (the decoder's point
+    positional encoding, kept fp32 on purpose): their activations stay float.
+
+    Why: coremltools' concat handling shares one range between the tensors around a concat, so
+    an fp32 tensor can get an fp16 range, and the quantize op it inserts then has an fp16 scale
+    on an fp32 input, which its own type check refuses.
+    """
+    from coremltools.converters.mil.mil import types
+
+    main = model._mil_program.functions["main"]
+    return [
+        op.name
+        for op in main.operations
+        if op.op_type in QUANTIZED_OP_TYPES and any(output.dtype == types.fp32 for output in op.outputs)
+    ]
+
+
+FLOAT_ADDS_PARTS = {"prompt_decoder": ("add",), "prompt_decoder_batched": ("add",)}
+"""Parts whose adds keep float inputs (their convolutions and linear layers still take int8).
+
+Why: the decoder's adds join tensors of very different ranges (positional encodings in [-1, 1]
+onto token and image streams, residuals), and one int8 range per input cost the masks: self-test
+mask IoU 0.79-0.89 with the adds quantized, 0.935 without (random weights, sample photos). The
+encoder keeps them quantized: without, one of its adds gets an all-zero range, which coremltools
+refuses ("quantize op: scale cannot be 0")."""
+
+
+def quantize_activations_and_weights(
+    model: Any, part: str, samples: Sequence[dict[str, np.ndarray]], weight_threshold: int, deployment_target: str
+) -> Any:
+    """An fp16 ML Program with int8 activations (per tensor, symmetric) and int8 weights
+    (per channel, symmetric); `samples` are the calibration inputs, by input name."""
+    import coremltools.optimize.coreml as cto
+
+    if deployment_target not in MINIMUM_DEPLOYMENT_TARGETS:
+        raise PipelineError(
+            f"w8a8 needs minimum_deployment_target iOS17 or later (quantize/dequantize ops), got {deployment_target}"
+        )
+    if not samples:
+        raise PipelineError("w8a8 needs calibration samples (photos), got none")
+    activations = cto.OptimizationConfig(
+        global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric"),
+        op_name_configs=dict.fromkeys(fp32_compute_ops(model)),
+        op_type_configs=dict.fromkeys(FLOAT_ADDS_PARTS.get(part, ())),
+    )
+    weights = cto.OptimizationConfig(
+        global_config=cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=weight_threshold
+        )
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        package = Path(folder) / "float.mlpackage"
+        model.save(str(package))
+        ranges = calibration_ranges(model, package, samples)
+    with calibrated_by(ranges):
+        quantized = cto.linear_quantize_activations(model, activations, [dict(s) for s in samples])
+    return cto.linear_quantize_weights(quantized, weights)
