@@ -6,6 +6,7 @@ whole model is segment-anything's `Sam` class, so `SamPredictor` runs it as it r
 
 from __future__ import annotations
 
+import math
 import types
 from typing import Literal
 
@@ -86,15 +87,38 @@ def _make_attention_export_friendly(encoder: TinyVit) -> None:
         if isinstance(module, TinyVitAttention):
             module.get_attention_biases = types.MethodType(_gather_attention_biases, module)
             module.forward = types.MethodType(_attention_as_bmm, module)
+            _register_separable_bias_index(module)
 
 
 def _gather_attention_biases(self: TinyVitAttention, device: torch.device) -> torch.Tensor:
     return self.attention_biases[:, self.attention_bias_idxs]
 
 
-_ANCHOR_COLUMNS = 16
-"""Activation columns appended to each bias table: more than 10 elements, because coremltools
-turns a concat input of at most 10 elements into symbols and folds the gather anyway."""
+def _register_separable_bias_index(module: TinyVitAttention) -> None:
+    """Per-axis offset indices (|i1 - i2| over window rows, likewise columns), each ws x ws.
+
+    timm numbers the offset (dy, dx) of a ws x ws window as dy * ws + dx (the first query, at
+    (0, 0), meets every offset in row-major order), so the bias of tokens (i1, j1), (i2, j2) is
+    table[dy, dx] with the table viewed as ws x ws: two small gathers instead of one with a
+    tokens x tokens index (which the converters store as a constant of 4 or 8 bytes per entry).
+    """
+    tokens = module.attention_bias_idxs.shape[0]
+    size = math.isqrt(tokens)
+    axis = torch.arange(size)
+    offsets = (axis[:, None] - axis[None, :]).abs().reshape(-1)
+    dy, dx = offsets.view(size, size, 1, 1), offsets.view(1, 1, size, size)
+    expected = (dy * size + dx).permute(0, 2, 1, 3).reshape(tokens, tokens)
+    if size * size != tokens or module.attention_biases.shape[1] != tokens:
+        raise ValueError(f"TinyViT attention with {tokens} tokens is not a square window")
+    if not torch.equal(module.attention_bias_idxs, expected):
+        raise ValueError("TinyViT's bias index does not follow the dy * ws + dx numbering")
+    module.register_buffer("bias_axis_offsets", offsets, persistent=False)
+
+
+_ANCHOR_ROW = 1
+"""One activation row appended to each ws x ws bias table (ws >= 7 and heads >= 2 give more
+than 10 elements: coremltools turns a concat input of at most 10 elements into symbols and
+folds the gather anyway)."""
 
 
 def _gather_biases_at_run_time(self: TinyVitAttention, x: torch.Tensor) -> torch.Tensor:
@@ -102,14 +126,19 @@ def _gather_biases_at_run_time(self: TinyVitAttention, x: torch.Tensor) -> torch
 
     Why: gathering a constant table with constant indices is folded by litert-torch and
     coremltools into the full heads x tokens x tokens table (14 times the compact table for
-    14x14 windows). Columns taken from the activations (`_ANCHOR_COLUMNS`) are appended to the table, so the
-    gather's input is no longer constant; no index points at those columns, so the result is
-    bit-identical to timm's. (A `0 * x` term is not enough: litert-torch folds it.)
+    14x14 windows). A row taken from the activations is appended to the table, so the gathers'
+    input is no longer constant; no index points at it, so the result is bit-identical to timm's.
+    (A `0 * x` term is not enough: litert-torch folds it.) The gathers are per axis
+    (`_register_separable_bias_index`).
     """
-    anchor = x[0, : self.num_heads, :_ANCHOR_COLUMNS].to(self.attention_biases.dtype)
-    table = torch.cat([self.attention_biases, anchor], dim=1)
-    indices = self.attention_bias_idxs
-    return torch.index_select(table, 1, indices.flatten()).view(self.num_heads, *indices.shape)
+    heads, offsets = self.num_heads, self.bias_axis_offsets
+    size = math.isqrt(offsets.shape[0])
+    anchor = x[0, :heads, :size].to(self.attention_biases.dtype).view(heads, _ANCHOR_ROW, size)
+    table = torch.cat([self.attention_biases.view(heads, size, size), anchor], dim=1)
+    by_rows = torch.index_select(table, 1, offsets)  # [h, (i1, i2), dx]
+    bias = torch.index_select(by_rows, 2, offsets)  # [h, (i1, i2), (j1, j2)]
+    bias = bias.view(heads, size, size, size, size).permute(0, 1, 3, 2, 4)
+    return bias.reshape(heads, size * size, size * size)
 
 
 def _attention_as_bmm(self: TinyVitAttention, x: torch.Tensor) -> torch.Tensor:

@@ -396,7 +396,7 @@ class CoreMLTarget(Target):
             if image_typed or part.calibration is None:
                 raise PipelineError("w8a8 needs a tensor-input part with calibration photos (encoder_input=tensor)")
             model = quantize_activations_and_weights(
-                model, part.name, part.calibration(), WEIGHT_THRESHOLD, self.options.minimum_deployment_target
+                model, part.calibration(), WEIGHT_THRESHOLD, self.options.minimum_deployment_target
             )
         add_metadata(model, part, precision, self.options)
         model.save(str(path))
