@@ -59,11 +59,11 @@ def distill(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def convert_coreml(session: nox.Session) -> None:
-    """Encoder and prompt decoder to `.mlpackage` (fp16, fp32, int8, palettize6), plus a manifest.
+    """Encoder and prompt decoder to `.mlpackage` (fp16, fp32, int8; palettize6, w8a8 on request), plus a manifest.
 
     Each package is checked right after conversion in the Core ML runtime on macOS, or in the
     MIL emulator elsewhere. Options after `--`: --config FILE, --checkpoint PATH, --out DIR,
-    --num-points N, --precisions fp16 fp32, --weights-seed S, --images DIR [--annotations FILE],
+    --num-points N, --precisions fp16 fp32 w8a8, --weights-seed S, --images DIR [--annotations FILE],
     --target-option coreml.KEY=VALUE with KEY one of minimum_deployment_target (iOS16/iOS17/iOS18),
     encoder_input (tensor/image), compute_units, fp32_point_encoding (true/false).
     """

@@ -9,11 +9,16 @@ against fp32 PyTorch (eager fp16 on CPU: 67 dB), so the fault is in that lowerin
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from segment_anything.modeling.common import LayerNorm2d
+from torch import nn
 
 from mobile_targets.base import PartToConvert, Runner, Target
 from pipeline.contract import PartContract
@@ -80,6 +85,62 @@ def xnnpack_partitioners(precision: str) -> list[Any]:
     return [linear_alone, XnnpackPartitioner()]
 
 
+class LayerNormAsGemm(nn.Module):
+    """nn.LayerNorm over the last dim, its two means taken as products with a 1/C column.
+
+    Why: ExecuTorch 1.5.1's XNNPACK partitioner has no LayerNorm, and its `mean.dim` takes only
+    4-D spatial means, so the encoder's 20 LayerNorms ran as portable kernels outside the
+    delegate (29 ms of 232 in the int8 encoder's ETDump). A product with a constant column is
+    an XNNPACK fully connected layer; subtract, multiply, rsqrt and add are XNNPACK ops too.
+    """
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        channels = norm.normalized_shape[-1]
+        self.register_buffer("average", torch.full((channels, 1), 1.0 / channels), persistent=False)
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - x @ self.average
+        variance = (centred * centred) @ self.average
+        return centred * torch.rsqrt(variance + self.eps) * self.weight + self.bias
+
+
+class ChannelNormAsConv(nn.Module):
+    """segment-anything's LayerNorm2d (over channels of NCHW), its means as 1x1 convolutions with
+    weights 1/C: XNNPACK takes those, not a mean over dim 1 (`LayerNormAsGemm` says why)."""
+
+    def __init__(self, norm: LayerNorm2d) -> None:
+        super().__init__()
+        channels = norm.weight.shape[0]
+        self.register_buffer("average", torch.full((1, channels, 1, 1), 1.0 / channels), persistent=False)
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - F.conv2d(x, self.average)
+        variance = F.conv2d(centred * centred, self.average)
+        normalized = centred * torch.rsqrt(variance + self.eps)
+        return self.weight[:, None, None] * normalized + self.bias[:, None, None]
+
+
+def norms_as_xnnpack_ops(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose LayerNorms are `LayerNormAsGemm` / `ChannelNormAsConv` (same
+    parameters, shared with the original); the original is left as it was."""
+    patched = copy.deepcopy(module)
+    for name, child in list(patched.named_modules()):
+        replacement = (
+            LayerNormAsGemm(child)
+            if isinstance(child, nn.LayerNorm) and len(child.normalized_shape) == 1
+            else ChannelNormAsConv(child)
+            if isinstance(child, LayerNorm2d)
+            else None
+        )
+        if replacement is not None:
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(patched.get_submodule(parent_name) if parent_name else patched, attribute, replacement)
+    return patched
+
+
 class ExecuTorchRunner(Runner):
     """A `.pte` loaded by `executorch.runtime` with the XNNPACK delegate."""
 
@@ -126,6 +187,7 @@ class ExecuTorchTarget(Target):
     def convert_part(self, part: PartToConvert, precision: str, path: Path) -> dict[str, Any]:
         from executorch.exir import to_edge_transform_and_lower
 
+        part = replace(part, module=norms_as_xnnpack_ops(part.module).eval())
         if precision == "fp32":
             module = part.module
         elif precision == "int8":
