@@ -100,9 +100,13 @@ class LayerNormAsGemm(nn.Module):
         self.register_buffer("average", torch.full((channels, 1), 1.0 / channels), persistent=False)
         self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
 
+    def _mean(self, x: torch.Tensor) -> torch.Tensor:
+        """A 2-D product: a batched one would be exported with expand_copy kernels outside XNNPACK."""
+        return (x.reshape(-1, x.shape[-1]) @ self.average).reshape(*x.shape[:-1], 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centred = x - x @ self.average
-        variance = (centred * centred) @ self.average
+        centred = x - self._mean(x)
+        variance = self._mean(centred * centred)
         return centred * torch.rsqrt(variance + self.eps) * self.weight + self.bias
 
 
