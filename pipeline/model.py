@@ -104,12 +104,12 @@ def _register_separable_bias_index(module: TinyVitAttention) -> None:
     """
     tokens = module.attention_bias_idxs.shape[0]
     size = math.isqrt(tokens)
+    if size * size != tokens or module.attention_biases.shape[1] != tokens:
+        raise ValueError(f"TinyViT attention with {tokens} tokens is not a square window")
     axis = torch.arange(size)
     offsets = (axis[:, None] - axis[None, :]).abs().reshape(-1)
     dy, dx = offsets.view(size, size, 1, 1), offsets.view(1, 1, size, size)
     expected = (dy * size + dx).permute(0, 2, 1, 3).reshape(tokens, tokens)
-    if size * size != tokens or module.attention_biases.shape[1] != tokens:
-        raise ValueError(f"TinyViT attention with {tokens} tokens is not a square window")
     if not torch.equal(module.attention_bias_idxs, expected):
         raise ValueError("TinyViT's bias index does not follow the dy * ws + dx numbering")
     module.register_buffer("bias_axis_offsets", offsets, persistent=False)

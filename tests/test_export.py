@@ -80,3 +80,27 @@ def test_coremltools_converts(exported, part):
     )
     ops = {op.type for op in model.get_spec().mlProgram.functions["main"].block_specializations["CoreML7"].operations}
     assert "conv" in ops and "softmax" in ops
+
+
+def test_bias_tables_gathered_at_run_time_are_timms(our_model):
+    """The compact, per-axis gather (anchored on activations) gives timm's biases bit for bit."""
+    from timm.models.tiny_vit import Attention
+
+    from pipeline.model import _gather_biases_at_run_time
+
+    attentions = [m for m in our_model.image_encoder.modules() if isinstance(m, Attention)]
+    assert len(attentions) == 10
+    for attention in attentions:
+        activations = torch.randn(2, attention.attention_bias_idxs.shape[0], attention.qkv.in_features)
+        expected = attention.attention_biases[:, attention.attention_bias_idxs]
+        assert torch.equal(_gather_biases_at_run_time(attention, activations), expected)
+
+
+def test_image_positional_encoding_built_in_the_graph_is_segment_anythings(our_model):
+    from pipeline.export_wrappers import image_pe_axis_points, image_pe_tokens_at_run_time
+
+    expected = our_model.prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1)
+    points = torch.rand(3, 6, 2)
+    actual = image_pe_tokens_at_run_time(our_model.prompt_encoder.pe_layer, image_pe_axis_points(64), points)
+    assert actual.shape == expected.shape == (1, 4096, 256)
+    assert (actual - expected).abs().max() < 1e-5

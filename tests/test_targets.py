@@ -67,6 +67,22 @@ def test_manifest_lists_every_part_and_precision(converted):
             assert record.details["xnnpack_delegated_nodes"] > 0
 
 
+def test_fp32_files_are_the_size_of_their_parameters(converted, our_model):
+    """Non-zero bias tables (the checkpoint's) stay compact and the decoder's image positional
+    encoding is not stored: an expanded bias table adds 4.9 MB, a stored encoding 4.2 MB."""
+    _, manifest = converted
+    encoder_parameters = sum(p.numel() for n, p in our_model.image_encoder.named_parameters() if "head" not in n)
+    decoder_parameters = sum(
+        p.numel() for p in [*our_model.prompt_encoder.parameters(), *our_model.mask_decoder.parameters()]
+    )
+    assert any(
+        m.attention_biases.abs().min() > 0 for m in our_model.image_encoder.modules() if hasattr(m, "attention_biases")
+    )
+    sizes = {(a.part, a.precision): a.bytes for a in manifest.artifacts}
+    assert sizes[ENCODER, "fp32"] < 4 * encoder_parameters + 1.0e6
+    assert sizes[DECODER, "fp32"] < 4 * decoder_parameters + 1.0e6
+
+
 BATCH = 4
 """B of the batched decoder in these tests (the default, 64, only costs time here)."""
 EVERYTHING_OPTIONS = ({"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}, {})
