@@ -108,9 +108,10 @@ FLOAT_OP_TYPES = ("add",)
 """Ops whose inputs stay float: their convolutions' and linear layers' inputs still go int8.
 
 Why: the adds join tensors of very different ranges (positional encodings in [-1, 1] onto token
-and image streams, residuals), and one int8 range per input cost accuracy. Measured on the 4
-validation sample photos with fresh weights: decoder self-test mask IoU 0.79-0.89 with the adds
-quantized, 0.935 without; encoder embeddings 23.8 dB with, 25.2 dB without."""
+and image streams, residuals), and one int8 range per input cost accuracy. Measured on the
+sample photos with fresh weights: decoder self-test mask IoU (example photo) min 0.889 with the
+adds quantized, 0.977 without; encoder embeddings (4 held-out photos) 23.8 dB with, 25.2 dB
+without."""
 
 
 def quantize_activations_and_weights(
