@@ -128,8 +128,8 @@ class ChannelNormAsConv(nn.Module):
 
 
 def norms_as_xnnpack_ops(module: nn.Module) -> nn.Module:
-    """A copy of `module` whose LayerNorms are `LayerNormAsGemm` / `ChannelNormAsConv` (same
-    parameters, shared with the original); the original is left as it was."""
+    """A copy of `module` whose LayerNorms are `LayerNormAsGemm` / `ChannelNormAsConv` (holding
+    the copied norms' parameters); the original, which the reference predictor runs, is left as it was."""
     patched = copy.deepcopy(module)
     for name, child in list(patched.named_modules()):
         replacement = (

@@ -164,10 +164,10 @@ class PromptDecoderForExport(nn.Module):
         grid_size = self.prompt_encoder.image_embedding_size[0]
         self.register_buffer("image_pe_axis_points", image_pe_axis_points(grid_size), persistent=False)
 
-    def _embed_points(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
-        """PromptEncoder._embed_points with label lookups as arithmetic; box corners are labels 2, 3."""
+    def _embed_points(self, coords: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
+        """PromptEncoder._embed_points with label lookups as arithmetic; box corners are labels 2, 3.
+        `coords` are pixel centres in [0, 1]."""
         encoder = self.prompt_encoder
-        coords = (point_coords + 0.5) / IMAGE_SIZE
         embedding = encoder.pe_layer._pe_encoding(coords)
         labels = point_labels.unsqueeze(-1)
         embedding = embedding * (labels != _PADDING).to(embedding.dtype)
@@ -193,7 +193,8 @@ class PromptDecoderForExport(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         decoder = self.mask_decoder
         point_coords, point_labels = append_padding_slot(point_coords, point_labels)
-        sparse = self._embed_points(point_coords, point_labels)
+        coords = (point_coords + 0.5) / IMAGE_SIZE  # segment-anything's pixel centres, in [0, 1]
+        sparse = self._embed_points(coords, point_labels)
         dense = self._embed_mask(mask_input, has_mask_input)
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
@@ -202,7 +203,6 @@ class PromptDecoderForExport(nn.Module):
             dim=1,
         )
         src = image_embeddings + dense
-        coords = (point_coords + 0.5) / IMAGE_SIZE
         image_pe = image_pe_tokens_at_run_time(self.prompt_encoder.pe_layer, self.image_pe_axis_points, coords)
         hidden, src = _two_way_transformer(decoder.transformer, src, image_pe, tokens, token_bias)
         iou_token_out = hidden[:, 0, :]

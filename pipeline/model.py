@@ -68,30 +68,24 @@ class MobileSamTinyViT(TinyVit):
 
 
 def _make_attention_export_friendly(encoder: TinyVit) -> None:
-    """Three patches to timm's TinyVit Attention, each needed by a converter or by correctness.
+    """Two patches to timm's TinyVit Attention, each needed by a converter.
 
-    1. Gather the relative-position biases on every call. In eval mode timm caches them in a
-       dict: the cache goes stale when weights change later (load_state_dict, a distillation
-       step then eval), and torch.export reports filling it as a side effect and freezes it.
-    2. Explicit attention (softmax(q k^T + bias) v) instead of F.scaled_dot_product_attention,
+    1. Explicit attention (softmax(q k^T + bias) v) instead of F.scaled_dot_product_attention,
        as 3-D batched matmuls over (windows x heads) with q, k, v sliced out of one tensor
        (`_attention_as_bmm`). With a float mask, SDPA decomposes into logical_not/any/where ops
        that stay outside XNNPACK after int8 quantization, and ExecuTorch 1.5.1 then fails to load
        the program ("Failed to load method forward, error: 0x:1"); timm's own explicit path
        (4-D `@` after a split) exports as expand_copy and split_with_sizes_copy kernels, which
        XNNPACK does not take, so every attention block left the delegate four times. It is also
-       upstream MobileSAM's order of operations.
-    3. Keep the biases as the compact table in the converted files (`_gather_biases_at_run_time`).
+       upstream MobileSAM's order of operations. It also gathers the biases on every call, never
+       from timm's eval-mode cache (which goes stale when weights change later, and which
+       torch.export reports filling as a side effect).
+    2. Keep the biases as the compact table in the converted files (`_gather_biases_at_run_time`).
     """
     for module in encoder.modules():
         if isinstance(module, TinyVitAttention):
-            module.get_attention_biases = types.MethodType(_gather_attention_biases, module)
             module.forward = types.MethodType(_attention_as_bmm, module)
             _register_separable_bias_index(module)
-
-
-def _gather_attention_biases(self: TinyVitAttention, device: torch.device) -> torch.Tensor:
-    return self.attention_biases[:, self.attention_bias_idxs]
 
 
 def _register_separable_bias_index(module: TinyVitAttention) -> None:

@@ -211,7 +211,7 @@ def test_corrupt_packages_fail_with_one_line(coreml_run, tmp_path):
         assert "\n" not in message and str(path) in message, (case, message)
 
 
-def test_w8a8_decoder_is_calibrated_by_the_emulator(official_checkpoint, our_model, tmp_path):
+def test_w8a8_decoder_is_calibrated_by_the_emulator(our_model, tmp_path):
     """w8a8: int8 activations around the linear layers and convolutions, int8 weights, and each
     range is the one the fp16 package's own tensors reach on the calibration photos (which the
     emulator computed, standing in for MLModel.predict); the file still passes its self-test."""
