@@ -10,6 +10,8 @@ no runtime can execute the delegate, so the runner takes the Core ML payload out
 (ExecuTorch's own `extract_coreml_models`) and runs it in this project's MIL emulator, mapping
 the delegate's tensor names back to the contract's: the file that is validated is the one
 shipped, byte for byte.
+
+The payload leaves out the delegate's debug maps (`without_debug_maps` says why).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import io
 import json
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,35 @@ def _compile_specs(precision: str) -> list[Any]:
 
     compute = {"fp16": ct.precision.FLOAT16, "fp32": ct.precision.FLOAT32}[precision]
     return CoreMLBackend.generate_compile_specs(compute_precision=compute, minimum_deployment_target=ct.target.iOS17)
+
+
+@contextlib.contextmanager
+def without_debug_maps() -> Iterator[None]:
+    """Lower without the Core ML delegate's debug maps in the payload.
+
+    Why: ExecuTorch 1.5.1's Core ML backend stores two JSON maps from its graph's debug handles
+    to Core ML op names in every payload (coremltools writes `executorch_debug_handle_mapping.json`
+    into the package whenever the MIL program still knows its EXIR debug handles; the backend adds
+    `debug_info.json`): 0.65 MB in the fp16 encoder, 5% of the file, read on the device only by
+    ETDump's per-op profiling of the delegate (its runtime treats a missing map as none). The
+    backend saves the package from the converted model; with the model's MIL program dropped
+    after conversion there is no debug-handle scope to write, so neither map is made. The
+    package itself (spec and weights) is what coremltools wrote.
+    """
+    from executorch.backends.apple.coreml.compiler import CoreMLBackend
+
+    original = CoreMLBackend.__dict__["_convert_to_mlmodel"]
+
+    def convert_and_forget_program(*args: Any, **kwargs: Any) -> Any:
+        model = original.__func__(*args, **kwargs)
+        model._mil_program = None
+        return model
+
+    CoreMLBackend._convert_to_mlmodel = staticmethod(convert_and_forget_program)
+    try:
+        yield
+    finally:
+        CoreMLBackend._convert_to_mlmodel = original
 
 
 def _undelegated_ops(lowered: Any) -> list[str]:
@@ -103,7 +135,8 @@ class ExecuTorchCoreMLTarget(Target):
         with torch.no_grad():
             program = torch.export.export(part.module, part.example_inputs, strict=True)
         partitioner = CoreMLPartitioner(compile_specs=_compile_specs(precision))
-        lowered = to_edge_transform_and_lower(program, partitioner=[partitioner])
+        with without_debug_maps():
+            lowered = to_edge_transform_and_lower(program, partitioner=[partitioner])
         left = _undelegated_ops(lowered)
         if left:
             raise PipelineError(f"{len(left)} ops stayed outside the Core ML delegate: {sorted(set(left))[:5]}")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.common import LayerNorm2d
+from timm.models.tiny_vit import ConvNorm
 from torch import nn
 
 from mobile_targets.base import PartToConvert, Runner, Target
@@ -127,11 +128,81 @@ class ChannelNormAsConv(nn.Module):
         return self.weight[:, None, None] * normalized + self.bias[:, None, None]
 
 
+LINEAR_CONVOLUTION_MIN_WEIGHTS = 50_000
+"""Convolutions of at least this many weights become linear layers in the int8 files: the neck's
+two and the last patch merging's two 1x1 (825k of the encoder's 1.0M convolution weights). The
+small ones (patch embedding, MBConv, depthwise) stay fp32 convolutions: int8 weights cost them
+the most precision for the least size (`int8_layers_only_linear`)."""
+
+
+class ConvolutionAsLinear(nn.Module):
+    """A stride-1, "same"-padded convolution (NCHW in and out) as one linear layer on
+    channels-last pixels: a k x k kernel takes the k * k shifted copies of its padded input side
+    by side (im2col from slices and one concat), its weight laid out to match.
+
+    Why: the int8 files quantize linear layers only (`int8_layers_only_linear` says why not
+    convolutions), so the large convolutions' weights stayed fp32 (4 MB of the int8 encoder). As
+    linear layers they get int8 weights and XNNPACK's dynamically quantized GEMMs inside the same
+    delegate partition as the rest. The arithmetic is the convolution's own.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if not convolution_fits_linear(conv):
+            raise PipelineError(f"{conv} is not a stride-1, same-padded, ungrouped convolution")
+        self.kernel, self.padding = conv.kernel_size[0], conv.padding[0]
+        self.linear = nn.Linear(conv.in_channels * self.kernel**2, conv.out_channels, bias=conv.bias is not None)
+        with torch.no_grad():
+            # (out, in, dy, dx) -> (out, dy, dx, in): forward puts shift (dy, dx) at block dy * k + dx
+            self.linear.weight.copy_(conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1))
+            if conv.bias is not None:
+                self.linear.bias.copy_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        pixels = x.permute(0, 2, 3, 1)
+        if self.kernel > 1:
+            pad = self.padding
+            padded = F.pad(pixels, (0, 0, pad, pad, pad, pad))
+            shifts = range(self.kernel)
+            pixels = torch.cat([padded[:, dy : dy + height, dx : dx + width, :] for dy in shifts for dx in shifts], -1)
+        out = self.linear(pixels.reshape(batch * height * width, -1))
+        return out.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+
+
+def convolution_fits_linear(conv: nn.Conv2d) -> bool:
+    kernel = conv.kernel_size[0]
+    return (
+        conv.groups == 1
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.kernel_size == (kernel, kernel)
+        and kernel % 2 == 1
+        and conv.padding == ((kernel - 1) // 2,) * 2
+    )
+
+
+def large_convolutions_as_linear(module: nn.Module, min_weights: int = LINEAR_CONVOLUTION_MIN_WEIGHTS) -> nn.Module:
+    """`module` with every convolution of at least `min_weights` weights that fits as
+    `ConvolutionAsLinear`, in place; timm's conv + BatchNorm pairs (ConvNorm) are fused first."""
+    modules = dict(module.named_modules())
+    for name, child in modules.items():
+        parent_name, _, attribute = name.rpartition(".")
+        if isinstance(child, ConvNorm):
+            conv = child.fuse()
+        elif isinstance(child, nn.Conv2d) and not isinstance(modules[parent_name], ConvNorm):
+            conv = child
+        else:
+            continue
+        if conv.weight.numel() >= min_weights and convolution_fits_linear(conv):
+            setattr(modules[parent_name], attribute, ConvolutionAsLinear(conv))
+    return module
+
+
 def norms_as_xnnpack_ops(module: nn.Module) -> nn.Module:
-    """A copy of `module` whose LayerNorms are `LayerNormAsGemm` / `ChannelNormAsConv` (holding
-    the copied norms' parameters); the original, which the reference predictor runs, is left as it was."""
-    patched = copy.deepcopy(module)
-    for name, child in list(patched.named_modules()):
+    """`module` with its LayerNorms as `LayerNormAsGemm` / `ChannelNormAsConv` (holding the
+    norms' parameters), in place."""
+    for name, child in list(module.named_modules()):
         replacement = (
             LayerNormAsGemm(child)
             if isinstance(child, nn.LayerNorm) and len(child.normalized_shape) == 1
@@ -141,8 +212,17 @@ def norms_as_xnnpack_ops(module: nn.Module) -> nn.Module:
         )
         if replacement is not None:
             parent_name, _, attribute = name.rpartition(".")
-            setattr(patched.get_submodule(parent_name) if parent_name else patched, attribute, replacement)
-    return patched
+            setattr(module.get_submodule(parent_name) if parent_name else module, attribute, replacement)
+    return module
+
+
+def graph_for_xnnpack(module: nn.Module, precision: str) -> nn.Module:
+    """A copy of `module` with this target's graph patches (the original, which the reference
+    predictor runs, is left as it was): for int8 the large convolutions as linear layers, then the norms."""
+    patched = copy.deepcopy(module)
+    if precision == "int8":
+        large_convolutions_as_linear(patched)
+    return norms_as_xnnpack_ops(patched).eval()
 
 
 class ExecuTorchRunner(Runner):
@@ -191,7 +271,7 @@ class ExecuTorchTarget(Target):
     def convert_part(self, part: PartToConvert, precision: str, path: Path) -> dict[str, Any]:
         from executorch.exir import to_edge_transform_and_lower
 
-        part = replace(part, module=norms_as_xnnpack_ops(part.module).eval())
+        part = replace(part, module=graph_for_xnnpack(part.module, precision))
         if precision == "fp32":
             module = part.module
         elif precision == "int8":
