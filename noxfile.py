@@ -96,9 +96,11 @@ def convert_executorch_coreml(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def convert_tflite(session: nox.Session) -> None:
-    """Encoder and prompt decoder to `.tflite` (litert-torch), fp32, fp16 and int8, plus a manifest.
+    """Encoder and prompt decoder to `.tflite` (litert-torch), fp32, fp16 and int8 (full-integer w8a8
+    on request), plus a manifest.
 
-    Options after `--`: as convert_executorch.
+    Options after `--`: as convert_executorch, plus --target-option tflite.integer_io=true (the w8a8
+    encoder with int8 inputs and outputs).
     """
     install_project(session, "tflite")
     session.run("python", "-m", "mobile_targets", "tflite", *session.posargs)

@@ -37,7 +37,7 @@ class PartToConvert:
     """Vectors that travel with the file (`<stem>.selftest.npz`): inputs and PyTorch fp32's outputs."""
     calibration: Callable[[], tuple[dict[str, np.ndarray], ...]] | None = None
     """Inputs from several real photos and prompts, by contract name, made on demand: only static
-    activation quantization (Core ML w8a8) reads them."""
+    activation quantization (the w8a8 files) reads them."""
     optional: bool = False
     """A precision whose file misses its gate is left out (`not_made`), not a failed conversion: the
     batched decoder ships in the precisions that hold (e.g. dynamic int8 quantizes activations over

@@ -56,6 +56,13 @@ GATE_PSNR_DB = {"fp32": 60.0, "fp16": 30.0, "int8": 10.0, "palettize6": 10.0, "w
 conversion. Loose for quantized files: they are scored properly by the validate stage."""
 
 
+MADE_WHERE_GATE_HOLDS = ("w8a8",)
+"""Precisions made on request whose files are left out (`not_made`) where they miss their gate,
+not failed: full-integer quantization holds for some parts and not others (TFLite's w8a8
+encoder holds the int8 gate, its decoder does not), and a user asking for w8a8 wants the files
+that hold."""
+
+
 def example_prompts(photos: Photos, image_id: int, image_shape: tuple[int, ...], count: int = 2) -> list[Prompt]:
     """A foreground point inside an instance plus its box (prompts real apps send); photos
     without ground truth get the photo's centre point and a box around its middle half."""
@@ -132,7 +139,7 @@ CALIBRATION_PHOTOS = 4
 class CalibrationPhotos:
     """Encoder and decoder inputs on the first CALIBRATION_PHOTOS photos, each with its example
     prompts as a point, as a box, and as a refinement with the point's mask; made once, on first
-    use: only statically quantized activations (Core ML w8a8) need them, and they cost a PyTorch
+    use: only statically quantized activations (the w8a8 files) need them, and they cost a PyTorch
     encoder pass per photo."""
 
     def __init__(self, sam: torch.nn.Module, photos: Photos, num_points: int) -> None:
@@ -344,7 +351,8 @@ class ManifestKeeper:
         self.write()
 
     def leave_out(self, part: str, precision: str, reason: str) -> None:
-        """An optional file that missed its gate this time (an earlier file that passed stays listed)."""
+        """An optional file (or one of MADE_WHERE_GATE_HOLDS) that missed its gate this time (an
+        earlier file that passed stays listed)."""
         self.not_made[(part, precision)] = ConversionFailure(part, precision, reason)
         self.write()
 
@@ -392,7 +400,7 @@ def convert_target(target_name: str, config: RunConfig, photos: Photos | None = 
                 details = convert_one(target, part, precision, path)
             except Exception as error:  # any converter failure: keep going, keep the earlier file
                 message = one_line(error)
-                if part.optional and isinstance(error, GateMiss):
+                if (part.optional or precision in MADE_WHERE_GATE_HOLDS) and isinstance(error, GateMiss):
                     kept = " (the earlier file is kept)" if (part.name, precision) in keeper.records else ""
                     print(f"not made: {target.name} {part.name} {precision}: {message}{kept}", file=sys.stderr)
                     keeper.leave_out(part.name, precision, message)

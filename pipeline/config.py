@@ -17,8 +17,8 @@ from pipeline.errors import ConfigError
 from pipeline.model import MODEL_TYPES, STUDENT_TYPE
 
 PRECISIONS = ("fp32", "fp16", "int8", "palettize6", "w8a8")
-"""palettize6 (6-bit palettized weights) and w8a8 (int8 weights and activations) exist for Core
-ML only; other targets skip them."""
+"""palettize6 (6-bit palettized weights) exists for Core ML only, w8a8 (int8 weights and
+activations, calibrated on real photos) for Core ML and TFLite; other targets skip them."""
 DEFAULT_PRECISIONS = ("fp32", "fp16", "int8")
 """What a convert session makes without --precisions: the variants whose encoder-decoder pairs hold
 their gates end to end. palettize6 is made on request (`--precisions palettize6`): its 6-bit

@@ -85,6 +85,7 @@ def _make_attention_export_friendly(encoder: TinyVit) -> None:
     for module in encoder.modules():
         if isinstance(module, TinyVitAttention):
             module.forward = types.MethodType(_attention_as_bmm, module)
+            module.weighted_values = softmax_times_values  # a converter may swap in other arithmetic
             _register_separable_bias_index(module)
 
 
@@ -146,10 +147,14 @@ def _attention_as_bmm(self: TinyVitAttention, x: torch.Tensor) -> torch.Tensor:
     q = qkv[:, :, : self.key_dim] * self.scale
     k = qkv[:, :, self.key_dim : 2 * self.key_dim]
     v = qkv[:, :, 2 * self.key_dim :]
-    attention = torch.bmm(q, k.transpose(1, 2)).view(windows, heads, tokens, tokens) + attention_bias
-    attention = attention.softmax(dim=-1).view(windows * heads, tokens, tokens)
-    x = torch.bmm(attention, v).view(windows, heads, tokens, self.val_dim).transpose(1, 2)
-    return self.proj(x.reshape(windows, tokens, self.out_dim))
+    scores = torch.bmm(q, k.transpose(1, 2)).view(windows, heads, tokens, tokens) + attention_bias
+    x = self.weighted_values(scores.view(windows * heads, tokens, tokens), v).view(windows, heads, tokens, self.val_dim)
+    return self.proj(x.transpose(1, 2).reshape(windows, tokens, self.out_dim))
+
+
+def softmax_times_values(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """softmax(scores) @ values over batched (windows x heads) rows: attention's last step."""
+    return torch.bmm(scores.softmax(dim=-1), values)
 
 
 def build_mobile_sam() -> Sam:

@@ -160,7 +160,12 @@ def test_target_options_name_known_targets_and_booleans_are_strict():
     with pytest.raises(ConfigError, match="fp32_point_encoding must be true or false, got 'no'"):
         get_target("coreml").with_options({"fp32_point_encoding": "no"})
     with pytest.raises(ConfigError, match="takes no options"):
+        get_target("executorch").with_options({"threads": 2})
+    with pytest.raises(ConfigError, match=r"unknown tflite options \['threads'\]"):
         get_target("tflite").with_options({"threads": 2})
+    with pytest.raises(ConfigError, match="integer_io must be true or false, got 'int8'"):
+        get_target("tflite").with_options({"integer_io": "int8"})
+    assert get_target("tflite").with_options({"integer_io": "true"}).options.integer_io is True
 
 
 def test_gate_values_are_type_checked():

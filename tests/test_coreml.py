@@ -174,7 +174,7 @@ def test_options_are_checked():
     with pytest.raises(ConfigError, match="unknown coreml options"):
         target.with_options({"colour": "red"})
     with pytest.raises(ConfigError, match="takes no options"):
-        get_target("tflite").with_options({"encoder_input": "image"})
+        get_target("executorch").with_options({"encoder_input": "image"})
 
 
 def test_corrupt_packages_fail_with_one_line(coreml_run, tmp_path):

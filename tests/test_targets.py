@@ -11,7 +11,7 @@ import pytest
 
 from mobile_targets import get_target
 from mobile_targets.convert import convert_target, example_prompts
-from pipeline.config import RunConfig
+from pipeline.config import DEFAULT_PRECISIONS, RunConfig
 from pipeline.contract import BATCHED_DECODER, DECODER, ENCODER, decoder_contract, encoder_contract
 from pipeline.errors import ArtifactError
 from pipeline.manifest import read_manifest, verify_artifact
@@ -39,12 +39,17 @@ AGREEMENT = [
 ]
 
 
+def default_precisions(target) -> tuple[str, ...]:
+    """What a convert session makes without --precisions (w8a8 is made on request, and tested alone)."""
+    return tuple(p for p in target.precisions if p in DEFAULT_PRECISIONS)
+
+
 @pytest.fixture(scope="module", params=TARGETS)
 def converted(request, tmp_path_factory, official_checkpoint):
     target = get_target(request.param)
     config = RunConfig(
         checkpoint=official_checkpoint,
-        precisions=target.precisions,
+        precisions=default_precisions(target),
         out_dir=tmp_path_factory.mktemp("artifacts"),
         batch_prompts=BATCH,
     )
@@ -56,7 +61,7 @@ def test_manifest_lists_every_part_and_precision(converted):
     manifest_path, manifest = converted
     target = get_target(manifest.target)
     found = {(a.part, a.precision) for a in manifest.artifacts}
-    assert found == {(p, q) for p in (ENCODER, DECODER, BATCHED_DECODER) for q in target.precisions}
+    assert found == {(p, q) for p in (ENCODER, DECODER, BATCHED_DECODER) for q in default_precisions(target)}
     assert (manifest_path.parent / f"prompt_decoder_b{BATCH}_fp32{EXTENSIONS[manifest.target]}").is_file()
     assert not manifest.random_weights and manifest.weights["sha256"]
     for record in manifest.artifacts:
@@ -256,3 +261,43 @@ def test_benchmark_times_every_file_in_ratios(converted):
     assert [p.name for p in written] == ["benchmark.json", "benchmark.md", "benchmark.png"]
     text = written[1].read_text()
     assert all(Path(a.file).name in text for a in result.artifacts)
+
+
+def test_tflite_w8a8_encoder_is_full_integer_and_holds_its_gate(our_model, photos, tmp_path):
+    """The full-integer encoder (made on request): every op but the boundary QUANTIZE and
+    DEQUANTIZE on integer tensors, ranges calibrated on two real photos, and on a held-out photo
+    the int8 gate's embedding PSNR in the LiteRT interpreter."""
+    import torch
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mobile_targets.base import PartToConvert
+
+    reference = ReferencePredictor(our_model)
+    prepared = []
+    for image_id in (*photos.image_ids()[:2], photos.image_ids()[10]):
+        reference.set_image(photos.image(image_id))
+        prepared.append((reference.prepared.image, reference.embeddings))
+    part = PartToConvert(
+        reference.encoder_module,
+        encoder_contract(),
+        (torch.from_numpy(prepared[0][0]),),
+        calibration=lambda: tuple({"image": image} for image, _ in prepared[:2]),
+    )
+    path = tmp_path / "image_encoder_w8a8.tflite"
+    details = get_target("tflite").convert_part(part, "w8a8", path)
+    assert details["io"] == "float32"
+
+    interpreter = Interpreter(model_path=str(path))
+    tensors = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
+    float_ops = [
+        op["op_name"]
+        for op in interpreter._get_ops_details()
+        if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE")
+        and any(tensors[i] == np.float32 for i in [*op["inputs"], *op["outputs"]] if i >= 0)
+    ]
+    assert not float_ops, sorted(set(float_ops))
+    runner = get_target("tflite").load_runner(path, encoder_contract(), threads=2)
+    held_out_image, expected = prepared[2]
+    embeddings = runner.run({"image": held_out_image})["image_embeddings"]
+    print(f"tflite w8a8 encoder: {psnr_db(expected, embeddings):.1f} dB on a held-out photo")
+    assert psnr_db(expected, embeddings) >= DEFAULT_GATES["w8a8"].embeddings_psnr_db
