@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -64,6 +64,19 @@ class Runner(ABC):
         if missing:
             raise KeyError(f"{self.contract.part} runner is missing inputs {missing}")
         return [np.ascontiguousarray(inputs[name], dtype=np.float32) for name in self.contract.input_names]
+
+
+Options = TypeVar("Options")
+
+
+def replace_options(current: Options, options: Mapping[str, Any], target: str) -> Options:
+    """`current` (a target's frozen options dataclass) with `options` applied, each checked by the
+    dataclass; a key it does not have is one ConfigError naming the ones it has."""
+    known = {f.name for f in fields(current)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown {target} options {unknown}; expected some of {sorted(known)}")
+    return replace(current, **options)
 
 
 class Target(ABC):

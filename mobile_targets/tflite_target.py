@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from timm.models.tiny_vit import Attention as TinyVitAttention
 
-from mobile_targets.base import PartToConvert, Runner, Target
+from mobile_targets.base import PartToConvert, Runner, Target, replace_options
 from pipeline.config import parse_bool
 from pipeline.contract import ENCODER, PartContract
-from pipeline.errors import ArtifactError, ConfigError, PipelineError
+from pipeline.errors import ArtifactError, PipelineError
 
 SIGNATURE = "serving_default"
 QUANTIZATION = {
@@ -244,11 +244,7 @@ class TFLiteTarget(Target):
         self.options = options or TFLiteOptions()
 
     def with_options(self, options: Mapping[str, Any]) -> TFLiteTarget:
-        known = {f.name for f in fields(TFLiteOptions)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(f"unknown tflite options {unknown}; expected some of {sorted(known)}")
-        return TFLiteTarget(replace(self.options, **options))
+        return TFLiteTarget(replace_options(self.options, options, self.name))
 
     def convert_part(self, part: PartToConvert, precision: str, path: Path) -> dict[str, Any]:
         import litert_torch

@@ -17,14 +17,14 @@ import json
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mobile_targets.base import PartToConvert, Runner, Target
+from mobile_targets.base import PartToConvert, Runner, Target, replace_options
 from mobile_targets.coreml.activation_quantization import quantize_activations_and_weights
 from pipeline.config import parse_bool
 from pipeline.contract import (
@@ -358,11 +358,7 @@ class CoreMLTarget(Target):
         return "Core ML emulation on Linux (MIL program run op by op in torch, fp16 rounding as declared)"
 
     def with_options(self, options: Mapping[str, Any]) -> CoreMLTarget:
-        known = {f.name for f in fields(CoreMLOptions)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(f"unknown coreml options {unknown}; expected some of {sorted(known)}")
-        return CoreMLTarget(replace(self.options, **options))
+        return CoreMLTarget(replace_options(self.options, options, self.name))
 
     def convert_part(self, part: PartToConvert, precision: str, path: Path) -> dict[str, Any]:
         import coremltools as ct
