@@ -2,7 +2,8 @@
 
 fp32: torch.export -> to_edge_transform_and_lower(XnnpackPartitioner) -> .pte.
 int8: PT2E quantization with XNNPACK's quantizer (per-channel symmetric int8 weights, activations
-quantized per row at run time; INT8_SCHEME says why), then the same lowering.
+quantized per row at run time; INT8_SCHEME says why), the large convolutions made linear layers
+first (`ConvolutionAsLinear`), then the same lowering.
 fp16 is not offered: the encoder cast to half and lowered to XNNPACK came out at 11.8 dB PSNR
 against fp32 PyTorch (eager fp16 on CPU: 67 dB), so the fault is in that lowering, not in fp16.
 """
@@ -29,7 +30,7 @@ PTE_IDENTIFIER_OFFSET = 4
 PTE_IDENTIFIER_PREFIX = b"ET"
 
 
-INT8_SCHEME = "dynamic int8 linear layers, fp32 convolutions"
+INT8_SCHEME = "dynamic int8 linear layers (large convolutions as linear layers), fp32 small convolutions"
 """Both parts use XNNPACK's dynamically quantized linear layers: int8 per-channel weights,
 activations quantized per row at run time (XNNPACK's QD8 kernels), so every row keeps its own
 scale. Static per-tensor int8 activations (calibrated on real photos) were tried first and lost
@@ -54,7 +55,8 @@ def _quantize_int8(part: PartToConvert) -> torch.nn.Module:
 
 
 def int8_layers_only_linear(quantizer: Any, config: Any) -> Any:
-    """Quantize the linear layers (most of the FLOPs and weights); convolutions keep fp32.
+    """Quantize the linear layers (most of the FLOPs and weights, and the large convolutions once
+    `large_convolutions_as_linear` has made them linear layers); convolutions keep fp32.
 
     Why: int8 convolution weights cost 1.8 dB of embedding PSNR on top of the linear layers'
     loss (README, "ExecuTorch target"), and a dynamically quantized convolution cannot share a
