@@ -34,9 +34,11 @@ def install_project(session: nox.Session, extras: str) -> None:
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """The test suite (unit tests plus end-to-end tests on the full MobileSAM architecture)."""
+    """The test suite (unit tests plus end-to-end tests on the full MobileSAM architecture), in
+    two pytest-xdist workers; tests sharing a conversion share a worker (tests/conftest.py).
+    `-- -n 0` runs it in one process."""
     install_project(session, "test")
-    session.run("pytest", *session.posargs)
+    session.run("pytest", "-n", "2", "--dist", "loadgroup", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -215,18 +215,27 @@ def selftest_cases(
     return (encoder_case,), tuple(decoder_cases)
 
 
-def parity_gate(runner: Runner, part: PartToConvert, precision: str) -> dict[str, dict[str, float]]:
-    """Run the fresh file on the example photo; fail if any output is non-finite (in the file or
-    in PyTorch) or its PSNR is under the gate."""
+def pytorch_outputs(part: PartToConvert) -> dict[str, np.ndarray]:
+    """PyTorch's answer on the example photo, checked finite before anything is converted: weights
+    whose own output overflows fail at once, with no conversion to wait for."""
     with torch.no_grad():
         expected = part.module(*part.example_inputs)
     expected = expected if isinstance(expected, tuple) else (expected,)
+    outputs = {name: t.numpy() for name, t in zip(part.contract.output_names, expected, strict=True)}
+    for name, values in outputs.items():
+        require_finite(values, f"{part.name}: PyTorch's own output {name}")
+    return outputs
+
+
+def parity_gate(
+    runner: Runner, part: PartToConvert, precision: str, expected: dict[str, np.ndarray]
+) -> dict[str, dict[str, float]]:
+    """Run the fresh file on the example photo; fail if any output is non-finite or its PSNR
+    against PyTorch's `expected` is under the gate."""
     inputs = {name: t.numpy() for name, t in zip(part.contract.input_names, part.example_inputs, strict=True)}
     actual = runner.run(inputs)
     results = {}
-    for name, reference in zip(part.contract.output_names, expected, strict=True):
-        reference = reference.numpy()
-        require_finite(reference, f"{part.name}: PyTorch's own output {name}")
+    for name, reference in expected.items():
         require_finite(actual[name], f"{part.name} {precision}: output {name} of the converted file")
         results[name] = {
             "psnr_db": psnr_db(reference, actual[name]),
@@ -264,12 +273,14 @@ def convert_one(target: Target, part: PartToConvert, precision: str, path: Path)
     vectors = selftest_path(path)
     staged_vectors = vectors.with_name(f".{vectors.name}.staged")
 
+    expected = pytorch_outputs(part)
+
     def produce(temporary: Path) -> None:
         start = time.perf_counter()
         details.update(target.convert_part(part, precision, temporary))
         details["conversion_seconds"] = round(time.perf_counter() - start, 2)
         runner = target.load_runner(temporary, part.contract)
-        details["gate"] = parity_gate(runner, part, precision)
+        details["gate"] = parity_gate(runner, part, precision, expected)
         details["selftest"] = {"file": vectors.name, **selftest_gate(runner, part, precision)}
         write_vectors(staged_vectors, list(part.selftest))
         details["selftest"]["sha256"] = sha256_file(staged_vectors)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.files import sha256_file, size_bytes
+from pipeline.selftest import selftest_path
 
 BLOB_SENTINEL = 0xDEADBEEF
 BLOB_HEADER = "<IIQQ"  # sentinel, MIL data type, size in bytes, absolute data offset (milstorage)
@@ -45,4 +46,21 @@ def rehash(manifest_path: Path) -> None:
     for record in manifest["artifacts"]:
         path = manifest_path.parent / record["file"]
         record["sha256"], record["bytes"] = sha256_file(path), size_bytes(path)
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+
+
+def keep_only_precisions(manifest_path: Path, precisions: tuple[str, ...]) -> None:
+    """Delete the other precisions' files (and self-test vectors) and records: a copy of a larger
+    convert output that looks like a run with fewer --precisions."""
+    manifest = json.loads(manifest_path.read_text())
+    kept = []
+    for record in manifest["artifacts"]:
+        if record["precision"] in precisions:
+            kept.append(record)
+            continue
+        path = manifest_path.parent / record["file"]
+        path.unlink()
+        selftest_path(path).unlink(missing_ok=True)
+    manifest["artifacts"] = kept
+    manifest["config"]["precisions"] = [p for p in manifest["config"]["precisions"] if p in precisions]
     manifest_path.write_text(json.dumps(manifest, indent=2))

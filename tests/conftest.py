@@ -77,3 +77,48 @@ def coreml_fp32(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("coreml_fp32")
     convert_target("coreml", RunConfig(precisions=("fp32",), out_dir=out, batch_prompts=16))
     return out
+
+
+TFLITE_BATCH = 4
+"""B of the batched decoder in the shared TFLite files (the default, 64, only costs time here)."""
+
+
+@pytest.fixture(scope="session")
+def tflite_converted(tmp_path_factory, official_checkpoint) -> Path:
+    """TFLite files of the checkpoint in every default precision, converted once for the session:
+    test_targets checks them and test_validation validates a copy (a TFLite conversion of the
+    full model costs minutes). Tests that change files work on a copy."""
+    from mobile_targets.convert import convert_target
+    from pipeline.config import DEFAULT_PRECISIONS, RunConfig
+
+    out = tmp_path_factory.mktemp("tflite_converted")
+    config = RunConfig(
+        checkpoint=official_checkpoint, precisions=DEFAULT_PRECISIONS, out_dir=out, batch_prompts=TFLITE_BATCH
+    )
+    return convert_target("tflite", config)
+
+
+SESSION_CONVERSIONS = ("coreml_fp32", "tflite_converted")
+"""Session fixtures that convert the full model: every test using one runs in the same pytest-xdist
+worker, so each conversion is made once."""
+
+TARGET_CONVERSIONS = {"tflite": "tflite_converted"}
+"""test_targets' `converted` takes these targets' files from the session fixture named here."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under `pytest -n N --dist loadgroup` (the tests session), tests that share a costly fixture
+    share a worker: a session conversion's users; test_targets' tests of one target (the
+    module's conversion is per target); otherwise the module (module-scoped fixtures)."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        shared = [name for name in SESSION_CONVERSIONS if name in fixtures]
+        callspec = getattr(item, "callspec", None)
+        if shared:
+            group = shared[0]
+        elif callspec is not None and "converted" in callspec.params and item.module.__name__.endswith("test_targets"):
+            target = callspec.params["converted"]
+            group = TARGET_CONVERSIONS.get(target, f"test_targets-{target}")
+        else:
+            group = item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))

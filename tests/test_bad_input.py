@@ -203,7 +203,7 @@ def test_failed_reconversion_keeps_the_earlier_file(coreml_fp32, tmp_path, monke
     before = {p.name: sha256_file(p) for p in (out / "coreml").glob("*.mlpackage")}
     monkeypatch.setitem(convert.GATE_PSNR_DB, "fp32", 1000.0)  # a gate no file can meet
     with pytest.raises(ArtifactError, match=r"2 conversion\(s\) failed: image_encoder fp32: .*under the 1000 dB gate"):
-        convert_target("coreml", RunConfig(precisions=("fp32",), out_dir=out))
+        convert_target("coreml", RunConfig(precisions=("fp32",), out_dir=out, batch_prompts=16))  # as coreml_fp32
     assert {p.name: sha256_file(p) for p in (out / "coreml").glob("*.mlpackage")} == before
     manifest = read_manifest(out / "coreml" / "manifest.json")
     assert len(manifest.artifacts) == 3  # the earlier files stay listed
@@ -288,7 +288,8 @@ def test_validate_own_photos_without_ground_truth(coreml_fp32, tmp_path, caplog)
 
 
 def test_clone_without_shared_runs_the_main_job(tmp_path):
-    """The README's main job and validate on a copy of the project with no ../shared beside it."""
+    """The README's main job and validate on a copy of the project with no ../shared beside it
+    (the batched decoder at B = 4: its default 64 rows cost the Core ML emulator minutes)."""
     clone = tmp_path / "clone" / "project"
     tracked = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
@@ -301,7 +302,7 @@ def test_clone_without_shared_runs_the_main_job(tmp_path):
     assert not (clone.parent / "shared").exists()
     environment = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(clone), "OMP_NUM_THREADS": "2"}
     convert = subprocess.run(
-        [sys.executable, "-m", "mobile_targets", "coreml", "--precisions", "fp32"],
+        [sys.executable, "-m", "mobile_targets", "coreml", "--precisions", "fp32", "--batch-prompts", "4"],
         cwd=clone, env=environment, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert convert.returncode == 0, convert.stderr[-3000:]

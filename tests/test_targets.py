@@ -19,6 +19,7 @@ from pipeline.metrics import mask_iou, psnr_db
 from pipeline.predictor import ReferencePredictor, Segmenter
 from pipeline.processing import prompt_to_decoder_inputs
 from pipeline.segment_everything import match_masks, reference_generator
+from tests.conftest import TARGET_CONVERSIONS, TFLITE_BATCH
 from validation.gates import DEFAULT_GATES
 
 TARGETS = ("executorch", "tflite", "executorch_coreml")
@@ -46,6 +47,9 @@ def default_precisions(target) -> tuple[str, ...]:
 
 @pytest.fixture(scope="module", params=TARGETS)
 def converted(request, tmp_path_factory, official_checkpoint):
+    if request.param in TARGET_CONVERSIONS:  # converted once for the session: test_validation uses them too
+        manifest_path = request.getfixturevalue(TARGET_CONVERSIONS[request.param])
+        return manifest_path, read_manifest(manifest_path)
     target = get_target(request.param)
     config = RunConfig(
         checkpoint=official_checkpoint,
@@ -111,7 +115,7 @@ def test_files_meet_the_size_goals(converted, tmp_path):
         assert not files & {"debug_info.json", "executorch_debug_handle_mapping.json"}, files
 
 
-BATCH = 4
+BATCH = TFLITE_BATCH
 """B of the batched decoder in these tests (the default, 64, only costs time here)."""
 EVERYTHING_OPTIONS = ({"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "box_nms_thresh": 1.0}, {})
 

@@ -3,15 +3,15 @@ reported in one line while the others are still validated."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mobile_targets.convert import convert_target
-from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
+from tests.artifact_surgery import keep_only_precisions
 from validation.gates import DEFAULT_GATES, gate_failures, gates_from_config, looser_gate
 from validation.html_report import write_html
 from validation.prompts import PROMPT_KINDS, most_interior_pixel, prompt_cases
@@ -46,10 +46,12 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def validated(tmp_path_factory, official_checkpoint, photos, teacher_checkpoint):
+def validated(tmp_path_factory, tflite_converted, photos, teacher_checkpoint):
+    """Validate on a copy of the session's TFLite files (the checkpoint's weights, B = 4) as if
+    converted with --precisions fp32 int8, one of them broken after conversion."""
     out = tmp_path_factory.mktemp("validate")
-    config = RunConfig(checkpoint=official_checkpoint, precisions=("fp32", "int8"), out_dir=out, batch_prompts=4)
-    convert_target("tflite", config)
+    shutil.copytree(tflite_converted.parent, out / "tflite")
+    keep_only_precisions(out / "tflite" / "manifest.json", ("fp32", "int8"))
     (out / "tflite" / "prompt_decoder_int8.tflite").write_bytes(b"broken")
     settings = ValidationSettings(
         max_images=2, instances_per_image=2, latency_runs=3, warmup_runs=1, everything_points_per_side=4
