@@ -106,6 +106,7 @@ TARGET_CONVERSIONS = {"tflite": "tflite_converted"}
 """test_targets' `converted` takes these targets' files from the session fixture named here."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under `pytest -n N --dist loadgroup` (the tests session), tests that share a costly fixture
     share a worker: a session conversion's users; test_targets' tests of one target (the
