@@ -106,11 +106,26 @@ TARGET_CONVERSIONS = {"tflite": "tflite_converted"}
 """test_targets' `converted` takes these targets' files from the session fixture named here."""
 
 
+LONGEST_GROUPS_FIRST = (
+    "test_targets-executorch",
+    "tflite_converted",
+    "test_targets-executorch_coreml",
+    "tests.test_coreml",
+    "coreml_fp32",
+    "tests.test_bad_input",
+    "tests.test_distillation",
+)
+"""The groups that take longest (full-model conversions), longest first: xdist hands groups out
+in collection order, so starting these first lets the workers finish together."""
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under `pytest -n N --dist loadgroup` (the tests session), tests that share a costly fixture
     share a worker: a session conversion's users; test_targets' tests of one target (the
-    module's conversion is per target); otherwise the module (module-scoped fixtures)."""
+    module's conversion is per target); otherwise the module (module-scoped fixtures). Groups
+    run in LONGEST_GROUPS_FIRST order, the rest after them as collected."""
+    groups = {}
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
         shared = [name for name in SESSION_CONVERSIONS if name in fixtures]
@@ -123,3 +138,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         else:
             group = item.module.__name__
         item.add_marker(pytest.mark.xdist_group(group))
+        groups[item.nodeid] = group
+    rank = {group: index for index, group in enumerate(LONGEST_GROUPS_FIRST)}
+    items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))  # stable: collection order within
