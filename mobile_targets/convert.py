@@ -266,14 +266,14 @@ def selftest_gate(runner: Runner, part: PartToConvert, precision: str) -> dict[s
     }
 
 
-def convert_one(target: Target, part: PartToConvert, precision: str, path: Path) -> dict:
-    """Convert, gate and self-test under temporary names; then the file and its vectors replace
-    the earlier ones together."""
+def convert_one(
+    target: Target, part: PartToConvert, precision: str, path: Path, expected: dict[str, np.ndarray]
+) -> dict:
+    """Convert, gate against `expected` (`pytorch_outputs`) and self-test under temporary names;
+    then the file and its vectors replace the earlier ones together."""
     details: dict = {}
     vectors = selftest_path(path)
     staged_vectors = vectors.with_name(f".{vectors.name}.staged")
-
-    expected = pytorch_outputs(part)
 
     def produce(temporary: Path) -> None:
         start = time.perf_counter()
@@ -404,11 +404,13 @@ def convert_target(target_name: str, config: RunConfig, photos: Photos | None = 
     out = Path(config.out_dir) / target.name
     keeper = ManifestKeeper(out, target, weights, config)
     for part in parts:
+        expected = None  # PyTorch's answer, the same for every precision of the part
         for precision in precisions:
             path = out / f"{file_stem(part.contract)}_{precision}{target.extension}"
             log.info("converting %s to %s %s", part.name, target.name, precision)
             try:
-                details = convert_one(target, part, precision, path)
+                expected = pytorch_outputs(part) if expected is None else expected
+                details = convert_one(target, part, precision, path, expected)
             except Exception as error:  # any converter failure: keep going, keep the earlier file
                 message = one_line(error)
                 if (part.optional or precision in MADE_WHERE_GATE_HOLDS) and isinstance(error, GateMiss):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from mobile_targets import get_target, load_artifact_runner
-from mobile_targets.convert import build_parts, convert_one
+from mobile_targets.convert import build_parts, convert_one, pytorch_outputs
 from pipeline.checkpoints import load_model
 from pipeline.config import RunConfig
 from pipeline.contract import DECODER_PARTS, contract_for, prompts_per_call
@@ -193,6 +193,7 @@ def point_sweep(
             timing = time_call(lambda decoder=decoder: decoder.module(*decoder.example_inputs), threads, warmup, runs)
         sweep.append(SweepPoint("pytorch", "fp32", count, timing))
         named = {name: t.numpy() for name, t in zip(decoder.contract.input_names, decoder.example_inputs, strict=True)}
+        expected = pytorch_outputs(decoder)
         for item in decoders:
             record = item.record
             path = out / SWEEP_FOLDER / f"N{count}" / record.target / Path(record.file).name
@@ -200,7 +201,7 @@ def point_sweep(
             try:
                 options = item.manifest.config.get("target_options", {}).get(record.target, {})
                 target = get_target(record.target).with_options(options)
-                convert_one(target, decoder, record.precision, path)
+                convert_one(target, decoder, record.precision, path, expected)
                 runner = target.load_runner(path, decoder.contract, threads=threads)
                 timing = time_call(lambda runner=runner, named=named: runner.run(named), threads, warmup, runs)
                 sweep.append(SweepPoint(record.target, record.precision, count, timing))
