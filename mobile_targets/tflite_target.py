@@ -27,6 +27,7 @@ from mobile_targets.base import PartToConvert, Runner, Target, replace_options
 from pipeline.config import parse_bool
 from pipeline.contract import ENCODER, PartContract
 from pipeline.errors import ArtifactError, PipelineError
+from pipeline.export_wrappers import PromptDecoderForExport
 
 SIGNATURE = "serving_default"
 QUANTIZATION = {
@@ -120,31 +121,55 @@ class TFLiteOptions:
 
 
 def attention_exp_as_sigmoids(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `module` whose TinyViT attention normalizes after the product with the values,
-    with exp and max built from ops that full-integer quantization takes (`exp_weighted_values`)."""
+    """A copy of `module` whose attention (TinyViT's in the encoder, the two-way transformer's in
+    the decoder) normalizes after the product with the values, with exp and max built from ops
+    that full-integer quantization takes (`exp_weighted_values`, `exp_weighted_kept_values`)."""
     patched = copy.deepcopy(module)
     for child in patched.modules():
         if isinstance(child, TinyVitAttention):
             child.weighted_values = exp_weighted_values
+        elif isinstance(child, PromptDecoderForExport):
+            child.weighted_values = exp_weighted_kept_values
     return patched
 
 
+def exp_below_row_max(scores: torch.Tensor) -> torch.Tensor:
+    """exp(scores - max over the last axis) as sigmoid(z) / sigmoid(-z), z <= 0, the max a max pool.
+
+    Why: ai-edge-quantizer has no int8 EXP or REDUCE_MAX; LOGISTIC, DIV and MAX_POOL_2D are
+    integer ops. The result is in [0, 1] with the row's largest exactly 1."""
+    keys = scores.shape[-1]
+    flat = scores.reshape(-1, 1, 1, keys)
+    z = flat - F.max_pool2d(flat, kernel_size=(1, keys))
+    return (torch.sigmoid(z) / torch.sigmoid(-z)).view(scores.shape)
+
+
 def exp_weighted_values(scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """softmax(scores) @ values as (e @ values) / sum(e), e = exp(scores - max) = sigmoid(z) / sigmoid(-z).
+    """softmax(scores) @ values as (e @ values) / sum(e), e = `exp_below_row_max(scores)`.
 
     Why: an int8 SOFTMAX has the fixed output scale 1/256, and attention over 49 to 196 tokens
     has weights near 1/tokens, a few steps each: the full-integer encoder fell to 21.7 dB mean
     embedding PSNR on the held-out photos, 26.8 dB with only the softmax left in float. Its
     int16 form was worse (18 dB). Normalizing after the product keeps e in [0, 1] (the largest is
-    1) and divides well-scaled sums. ai-edge-quantizer has no int8 EXP or REDUCE_MAX, so the max
-    is a max pool over the row and exp(z) for z <= 0 is sigmoid(z) / sigmoid(-z) (LOGISTIC,
-    DIV), both integer ops. The same arithmetic in fp32 (the encoder's embeddings 7e-6 apart).
+    1) and divides well-scaled sums. The same arithmetic in fp32 (the encoder's embeddings 7e-6
+    apart).
     """
-    rows, tokens, _ = scores.shape
-    flat = scores.reshape(rows * tokens, 1, 1, tokens)
-    z = flat - F.max_pool2d(flat, kernel_size=(1, tokens))
-    weights = (torch.sigmoid(z) / torch.sigmoid(-z)).view(rows, tokens, tokens)
+    weights = exp_below_row_max(scores)
     return torch.bmm(weights, values) / weights.sum(dim=-1, keepdim=True)
+
+
+def exp_weighted_kept_values(logits: torch.Tensor, values: torch.Tensor, key_keep: torch.Tensor | None) -> torch.Tensor:
+    """The decoder's softmax over the kept keys @ values, as (e * keep) @ values / sum(e * keep).
+
+    Why: the float decoder masks a key by adding -1e4 to its logit, which in a per-tensor int8
+    logit tensor leaves steps of about 40 for logits of a few units (every kept weight equal),
+    and its token-to-image softmax spreads over 4096 keys, far under int8 SOFTMAX's step of
+    1/256. Masking by a product and normalizing after the values avoids both (as
+    `exp_weighted_values` does for the encoder)."""
+    weights = exp_below_row_max(logits)
+    if key_keep is not None:
+        weights = weights * key_keep[:, None, None, :]
+    return (weights @ values) / weights.sum(dim=-1, keepdim=True)
 
 
 def quantize_full_integer(float_model: bytes, part: PartToConvert, integer_io: bool) -> bytes:

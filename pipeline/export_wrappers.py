@@ -7,6 +7,8 @@ attention, so a prompt padded to N slots gives exactly SamPredictor's answer.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from segment_anything.modeling import Sam
 from segment_anything.modeling.mask_decoder import MaskDecoder
@@ -38,18 +40,27 @@ class ImageEncoderForExport(nn.Module):
         return self.image_encoder((image - self.pixel_mean) / self.pixel_std)
 
 
-def padding_key_bias(point_labels: torch.Tensor) -> torch.Tensor:
-    """Additive attention bias (1 x N) that keeps exactly the tokens SamPredictor would embed.
+def padding_key_keep(point_labels: torch.Tensor) -> torch.Tensor:
+    """Which prompt tokens (1 x N, 1 or 0) attention may use: exactly those SamPredictor would embed.
 
     SamPredictor embeds the k real points plus one padding point, or the k points plus the box
     corners and no padding. Here every slot labelled -1 is a padding token; the first one is
-    kept when there is no box, every other one gets MASKED_LOGIT so it drops out of softmax.
+    kept when there is no box, every other one is masked out of attention.
     """
     is_padding = (point_labels == _PADDING).to(point_labels.dtype)
     has_box = (point_labels == _BOX_TOP_LEFT).to(point_labels.dtype).amax(dim=1, keepdim=True)
     is_first_padding = is_padding * (torch.cumsum(is_padding, dim=1) == 1).to(point_labels.dtype)
-    keep = (1.0 - is_padding) + is_first_padding * (1.0 - has_box)
-    return (1.0 - keep) * MASKED_LOGIT
+    return (1.0 - is_padding) + is_first_padding * (1.0 - has_box)
+
+
+def softmax_times_kept_values(
+    logits: torch.Tensor, values: torch.Tensor, key_keep: torch.Tensor | None
+) -> torch.Tensor:
+    """softmax(logits) @ values over the kept keys: a masked key's logit gets MASKED_LOGIT, so
+    its weight is exactly 0. `key_keep` is (B x keys) of 1 and 0, or None for all keys."""
+    if key_keep is not None:
+        logits = logits + ((1.0 - key_keep) * MASKED_LOGIT)[:, None, None, :]
+    return torch.softmax(logits, dim=-1) @ values
 
 
 def append_padding_slot(point_coords: torch.Tensor, point_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,17 +110,25 @@ def image_pe_tokens_at_run_time(
     return torch.cat([sin_uv, cos_uv], dim=-1).reshape(1, grid_size * grid_size, 2 * half)
 
 
+WeightedValues = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""Attention's last step, (logits, values, key_keep) -> weighted values: a converter may swap
+in other arithmetic (TFLite's full-integer decoder normalizes after the product)."""
+
+
 def _attend(
-    attention: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None
+    attention: Attention,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_keep: torch.Tensor | None,
+    weighted_values: WeightedValues,
 ) -> torch.Tensor:
-    """segment-anything's Attention.forward with an additive bias over the keys."""
+    """segment-anything's Attention.forward over the kept keys."""
     q = attention._separate_heads(attention.q_proj(q), attention.num_heads)
     k = attention._separate_heads(attention.k_proj(k), attention.num_heads)
     v = attention._separate_heads(attention.v_proj(v), attention.num_heads)
     logits = q @ k.permute(0, 1, 3, 2) / (q.shape[-1] ** 0.5)
-    if key_bias is not None:
-        logits = logits + key_bias[:, None, None, :]
-    out = torch.softmax(logits, dim=-1) @ v
+    out = weighted_values(logits, v, key_keep)
     return attention.out_proj(attention._recombine_heads(out))
 
 
@@ -119,20 +138,21 @@ def _two_way_block(
     keys: torch.Tensor,
     query_pe: torch.Tensor,
     key_pe: torch.Tensor,
-    token_bias: torch.Tensor,
+    token_keep: torch.Tensor,
+    weighted_values: WeightedValues,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """TwoWayAttentionBlock.forward where prompt tokens are keys only through `token_bias`."""
+    """TwoWayAttentionBlock.forward where prompt tokens are keys only where `token_keep` is 1."""
     if block.skip_first_layer_pe:
-        queries = _attend(block.self_attn, queries, queries, queries, token_bias)
+        queries = _attend(block.self_attn, queries, queries, queries, token_keep, weighted_values)
     else:
         q = queries + query_pe
-        queries = queries + _attend(block.self_attn, q, q, queries, token_bias)
+        queries = queries + _attend(block.self_attn, q, q, queries, token_keep, weighted_values)
     queries = block.norm1(queries)
     q, k = queries + query_pe, keys + key_pe
-    queries = block.norm2(queries + _attend(block.cross_attn_token_to_image, q, k, keys, None))
+    queries = block.norm2(queries + _attend(block.cross_attn_token_to_image, q, k, keys, None, weighted_values))
     queries = block.norm3(queries + block.mlp(queries))
     q, k = queries + query_pe, keys + key_pe
-    keys = block.norm4(keys + _attend(block.cross_attn_image_to_token, k, q, queries, token_bias))
+    keys = block.norm4(keys + _attend(block.cross_attn_image_to_token, k, q, queries, token_keep, weighted_values))
     return queries, keys
 
 
@@ -141,16 +161,18 @@ def _two_way_transformer(
     image_embedding: torch.Tensor,
     image_pe_tokens: torch.Tensor,
     tokens: torch.Tensor,
-    token_bias: torch.Tensor,
+    token_keep: torch.Tensor,
+    weighted_values: WeightedValues,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TwoWayTransformer.forward with masked prompt-token keys (image PE already in token layout)."""
     image_embedding = image_embedding.flatten(2).permute(0, 2, 1)
     image_pe = image_pe_tokens
     queries, keys = tokens, image_embedding
     for block in transformer.layers:
-        queries, keys = _two_way_block(block, queries, keys, tokens, image_pe, token_bias)
+        queries, keys = _two_way_block(block, queries, keys, tokens, image_pe, token_keep, weighted_values)
     q, k = queries + tokens, keys + image_pe
-    queries = transformer.norm_final_attn(queries + _attend(transformer.final_attn_token_to_image, q, k, keys, None))
+    final = _attend(transformer.final_attn_token_to_image, q, k, keys, None, weighted_values)
+    queries = transformer.norm_final_attn(queries + final)
     return queries, keys
 
 
@@ -161,6 +183,7 @@ class PromptDecoderForExport(nn.Module):
         super().__init__()
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder: MaskDecoder = sam.mask_decoder
+        self.weighted_values: WeightedValues = softmax_times_kept_values
         grid_size = self.prompt_encoder.image_embedding_size[0]
         self.register_buffer("image_pe_axis_points", image_pe_axis_points(grid_size), persistent=False)
 
@@ -198,13 +221,13 @@ class PromptDecoderForExport(nn.Module):
         dense = self._embed_mask(mask_input, has_mask_input)
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
-        token_bias = torch.cat(
-            [torch.zeros_like(point_labels[:, :1]).expand(-1, output_tokens.shape[0]), padding_key_bias(point_labels)],
+        token_keep = torch.cat(
+            [torch.ones_like(point_labels[:, :1]).expand(-1, output_tokens.shape[0]), padding_key_keep(point_labels)],
             dim=1,
         )
         src = image_embeddings + dense
         image_pe = image_pe_tokens_at_run_time(self.prompt_encoder.pe_layer, self.image_pe_axis_points, coords)
-        hidden, src = _two_way_transformer(decoder.transformer, src, image_pe, tokens, token_bias)
+        hidden, src = _two_way_transformer(decoder.transformer, src, image_pe, tokens, token_keep, self.weighted_values)
         iou_token_out = hidden[:, 0, :]
         mask_tokens_out = hidden[:, 1 : 1 + decoder.num_mask_tokens, :]
         _, c, h, w = image_embeddings.shape

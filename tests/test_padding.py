@@ -7,7 +7,7 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from pipeline.export_wrappers import MASKED_LOGIT, padding_key_bias
+from pipeline.export_wrappers import padding_key_keep
 from pipeline.predictor import ReferencePredictor
 from pipeline.processing import Prompt
 
@@ -22,11 +22,11 @@ def photo_predictors(photos, our_model):
     return image, sam_predictor, reference
 
 
-def test_padding_bias_keeps_one_pad_without_box():
+def test_padding_keeps_one_pad_without_box():
     labels = torch.tensor([[1.0, -1, 0, -1, -1], [1.0, 2, 3, -1, -1]])
-    bias = padding_key_bias(labels)
-    assert bias[0].tolist() == [0, 0, 0, MASKED_LOGIT, MASKED_LOGIT]
-    assert bias[1].tolist() == [0, 0, 0, MASKED_LOGIT, MASKED_LOGIT]
+    keep = padding_key_keep(labels)
+    assert keep[0].tolist() == [1, 1, 1, 0, 0]
+    assert keep[1].tolist() == [1, 1, 1, 0, 0]
 
 
 def _random_prompt(rng, height, width, num_points, with_box):
@@ -88,3 +88,23 @@ def test_refinement_with_the_previous_mask_matches_sam_predictor(photo_predictor
     np.testing.assert_allclose(ours.iou_predictions[0, :1], refined_scores, atol=1e-5)
     without = reference.predict(Prompt(points=prompt.points, labels=prompt.labels, box=prompt.box), False)
     assert np.abs(without.low_res_masks[0, :1] - refined).max() > 1e-3, "the mask input must change the answer"
+
+
+@pytest.mark.parametrize("with_box", [False, True])
+def test_full_integer_attention_arithmetic_matches_the_float_decoder(photo_predictors, with_box):
+    """TFLite's w8a8 decoder masks keys by a product and normalizes after the values
+    (`exp_weighted_kept_values`): in fp32 it gives the float decoder's answer, padding included."""
+    from mobile_targets.tflite_target import attention_exp_as_sigmoids
+    from pipeline.contract import decoder_contract
+
+    image, _, reference = photo_predictors
+    reference.num_points = 5
+    prompt = _random_prompt(np.random.default_rng(21 + with_box), *image.shape[:2], 2, with_box)
+    named = reference.decoder_inputs(prompt)
+    inputs = [torch.from_numpy(named[name]) for name in decoder_contract(5).input_names]
+    patched = attention_exp_as_sigmoids(reference.decoder_module)
+    with torch.no_grad():
+        expected, actual = reference.decoder_module(*inputs), patched(*inputs)
+    for want, got in zip(expected, actual, strict=True):
+        assert (want - got).abs().max() < 1e-4
+    assert patched.weighted_values is not reference.decoder_module.weighted_values
