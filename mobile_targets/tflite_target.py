@@ -226,6 +226,27 @@ def load_interpreter_class() -> Any:
     return Interpreter
 
 
+def xnnpack_delegation(path: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """(ops XNNPACK takes, ops left to LiteRT's reference kernels), by op name, for one `.tflite`.
+
+    LiteRT's Python interpreter times no ops, so this names what falls outside the fast kernels:
+    with delegate node fusion off every delegated op becomes its own DELEGATE node, and an op is
+    delegated when all of its outputs are some DELEGATE node's outputs.
+    """
+    interpreter = load_interpreter_class()(model_path=str(path), experimental_disable_delegate_node_fusion=True)
+    interpreter.allocate_tensors()
+    ops = interpreter._get_ops_details()  # the only view of the delegated graph LiteRT's Python API gives
+    from_delegate = {int(t) for op in ops if op["op_name"] == "DELEGATE" for t in op["outputs"]}
+    delegated: dict[str, int] = {}
+    outside: dict[str, int] = {}
+    for op in ops:
+        if op["op_name"] == "DELEGATE":
+            continue
+        counts = delegated if {int(t) for t in op["outputs"]} <= from_delegate else outside
+        counts[op["op_name"]] = counts.get(op["op_name"], 0) + 1
+    return delegated, outside
+
+
 class TFLiteRunner(Runner):
     """A `.tflite` in the LiteRT interpreter (XNNPACK delegate by default), called by signature."""
 

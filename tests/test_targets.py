@@ -231,7 +231,8 @@ def test_every_file_passes_its_self_test_vectors(converted):
 def test_benchmark_times_every_file_in_ratios(converted):
     """The benchmark session's measurements on real files: every file timed, floors and baselines
     measured, ratios written, the point sweep converting decoders at another N, and for
-    ExecuTorch a per-op profile whose ops add up to no more than the whole call."""
+    ExecuTorch a per-op profile whose ops add up to no more than the whole call; for TFLite which
+    ops XNNPACK takes."""
     from validation.benchmark.measure import run_benchmark
     from validation.benchmark.report import write_benchmark
 
@@ -262,10 +263,17 @@ def test_benchmark_times_every_file_in_ratios(converted):
             assert sum(op.ms for op in profile.ops) <= 1.05 * profile.total_ms  # nothing counted twice
         int8 = next(p for p in result.profiles if p.precision == "int8")
         assert "xnnpack int8" in {op.kernel for op in int8.ops}
+    if manifest.target == "tflite":
+        assert {Path(c.file).name for c in result.delegation} == {a.file for a in manifest.artifacts}
+        for census in result.delegation:
+            assert census.error is None and sum(census.delegated.values()) > 100
+            if "image_encoder" in census.file:  # only the relative-position bias gathers stay out of XNNPACK
+                assert set(census.outside) <= {"GATHER_ND"}, census.outside
     written = write_benchmark(result, out)
     assert [p.name for p in written] == ["benchmark.json", "benchmark.md", "benchmark.png"]
     text = written[1].read_text()
     assert all(Path(a.file).name in text for a in result.artifacts)
+    assert ("## TFLite: ops XNNPACK takes" in text) == (manifest.target == "tflite")
 
 
 def test_tflite_w8a8_attention_is_full_integer(tmp_path):

@@ -40,6 +40,7 @@ from validation.benchmark.schema import (
     ArtifactBenchmark,
     Baseline,
     Benchmark,
+    DelegationCensus,
     Floor,
     OpCost,
     OpProfile,
@@ -264,6 +265,19 @@ def executorch_profile(item: FileUnderTest, threads: int, runs: int = 3) -> OpPr
     return profile
 
 
+def tflite_delegation(item: FileUnderTest) -> DelegationCensus:
+    """Which ops of one `.tflite` XNNPACK takes and which run in LiteRT's reference kernels."""
+    from mobile_targets.tflite_target import xnnpack_delegation
+
+    record = item.record
+    census = DelegationCensus(record.target, record.precision, str(item.path))
+    try:
+        census.delegated, census.outside = xnnpack_delegation(item.path)
+    except Exception as error:
+        census.error = one_line(error)
+    return census
+
+
 def run_benchmark(
     out: Path, threads: list[int], warmup: int, runs: int, points: list[int], sweep_precisions: list[str]
 ) -> Benchmark:
@@ -291,4 +305,5 @@ def run_benchmark(
         artifacts=artifacts,
         sweep=point_sweep(out, sam, model_type, timed_decoders, points, max(threads), warmup, runs),
         profiles=[executorch_profile(f, max(threads)) for f in encoders if f.record.target == "executorch"],
+        delegation=[tflite_delegation(f) for f in files if f.record.target == "tflite"],
     )

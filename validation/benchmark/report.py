@@ -104,12 +104,32 @@ def markdown(result: Benchmark) -> str:
         if outside:
             lines.append("")
             lines.append("Outside XNNPACK: " + ", ".join(f"{op.name} ({op.count}x, {op.ms:.1f} ms)" for op in outside))
-    lines += [
-        "",
-        "TFLite files: LiteRT's Python interpreter has no op profiler; its C++ `benchmark_model "
-        "--enable_op_profiling=true` gives the per-op table on a device.",
-    ]
+    lines += _delegation(result)
     return "\n".join(lines) + "\n"
+
+
+def _delegation(result: Benchmark) -> list[str]:
+    """TFLite files' ops by where they run: counted, not timed (LiteRT's Python interpreter has no
+    op profiler)."""
+    if not result.delegation:
+        return []
+    lines = [
+        "",
+        "## TFLite: ops XNNPACK takes",
+        "",
+        "LiteRT's Python interpreter has no op profiler (its C++ `benchmark_model "
+        "--enable_op_profiling=true` times each op on a device), so the ops are counted by where they run.",
+        "",
+        "| file | ops in XNNPACK | ops in LiteRT's reference kernels |",
+        "|---|---|---|",
+    ]
+    for census in result.delegation:
+        if census.error:
+            lines.append(f"| {Path(census.file).name} | census failed: {census.error} | |")
+            continue
+        outside = ", ".join(f"{name} {count}" for name, count in sorted(census.outside.items(), key=lambda kv: -kv[1]))
+        lines.append(f"| {Path(census.file).name} | {sum(census.delegated.values())} | {outside or 'none'} |")
+    return lines
 
 
 def _grid_costs(result: Benchmark) -> list[str]:

@@ -94,6 +94,19 @@ class OpProfile:
     error: str | None = None
 
 
+@dataclass
+class DelegationCensus:
+    """A TFLite file's ops by where LiteRT runs them: XNNPACK or its reference kernels (op name ->
+    count; LiteRT's Python interpreter has no op timer, so these are counted, not timed)."""
+
+    target: str
+    precision: str
+    file: str
+    delegated: dict[str, int] = field(default_factory=dict)
+    outside: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+
 GRID_SIDES = (8, 16, 32)
 
 
@@ -127,6 +140,7 @@ class Benchmark:
     artifacts: list[ArtifactBenchmark]
     sweep: list[SweepPoint]
     profiles: list[OpProfile]
+    delegation: list[DelegationCensus] = field(default_factory=list)
 
     def baseline(self, runtime: str, part: str, threads: int) -> Timing | None:
         for baseline in self.baselines:
