@@ -1,9 +1,10 @@
 """ExecuTorch target: `.pte` programs lowered to XNNPACK, run by ExecuTorch's own runtime.
 
-fp32: torch.export -> to_edge_transform_and_lower(XnnpackPartitioner) -> .pte.
-int8: PT2E quantization with XNNPACK's quantizer (per-channel symmetric int8 weights, activations
-quantized per row at run time; INT8_SCHEME says why), the large convolutions made linear layers
-first (`ConvolutionAsLinear`), then the same lowering.
+fp32: the large convolutions made linear layers (`ConvolutionAsLinear`), then torch.export ->
+to_edge_transform_and_lower(XnnpackPartitioner) -> .pte.
+int8: the same linear layers, PT2E quantization with XNNPACK's quantizer (per-channel symmetric
+int8 weights, activations quantized per row at run time; INT8_SCHEME says why), then the same
+lowering.
 fp16 is not offered: the encoder cast to half and lowered to XNNPACK came out at 11.8 dB PSNR
 against fp32 PyTorch (eager fp16 on CPU: 67 dB), so the fault is in that lowering, not in fp16.
 """
@@ -131,10 +132,10 @@ class ChannelNormAsConv(nn.Module):
 
 
 LINEAR_CONVOLUTION_MIN_WEIGHTS = 50_000
-"""Convolutions of at least this many weights become linear layers in the int8 files: the neck's
-two and the last patch merging's two 1x1 (825k of the encoder's 1.0M convolution weights). The
-small ones (patch embedding, MBConv, depthwise) stay fp32 convolutions: int8 weights cost them
-the most precision for the least size (`int8_layers_only_linear`)."""
+"""Convolutions of at least this many weights become linear layers: the neck's two and the last
+patch merging's two 1x1 (825k of the encoder's 1.0M convolution weights). The small ones (patch
+embedding, MBConv, depthwise) stay convolutions, fp32 in the int8 files too: int8 weights cost
+them the most precision for the least size (`int8_layers_only_linear`)."""
 
 
 class ConvolutionAsLinear(nn.Module):
@@ -145,7 +146,10 @@ class ConvolutionAsLinear(nn.Module):
     Why: the int8 files quantize linear layers only (`int8_layers_only_linear` says why not
     convolutions), so the large convolutions' weights stayed fp32 (4 MB of the int8 encoder). As
     linear layers they get int8 weights and XNNPACK's dynamically quantized GEMMs inside the same
-    delegate partition as the rest. The arithmetic is the convolution's own.
+    delegate partition as the rest. In the fp32 files the neck's 3x3 convolution as a linear
+    layer (XNNPACK's fully connected GEMM after the im2col copies) runs faster than XNNPACK's
+    IGEMM convolution (`benchmarks/executorch_encoder_variants.py` measured it; README,
+    "Benchmark"). The arithmetic is the convolution's own.
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
@@ -218,12 +222,11 @@ def norms_as_xnnpack_ops(module: nn.Module) -> nn.Module:
     return module
 
 
-def graph_for_xnnpack(module: nn.Module, precision: str) -> nn.Module:
+def graph_for_xnnpack(module: nn.Module) -> nn.Module:
     """A copy of `module` with this target's graph patches (the original, which the reference
-    predictor runs, is left as it was): for int8 the large convolutions as linear layers, then the norms."""
-    patched = copy.deepcopy(module)
-    if precision == "int8":
-        large_convolutions_as_linear(patched)
+    predictor runs, is left as it was), the same for both precisions: the large convolutions as
+    linear layers, then the norms."""
+    patched = large_convolutions_as_linear(copy.deepcopy(module))
     return norms_as_xnnpack_ops(patched).eval()
 
 
@@ -273,7 +276,7 @@ class ExecuTorchTarget(Target):
     def convert_part(self, part: PartToConvert, precision: str, path: Path) -> dict[str, Any]:
         from executorch.exir import to_edge_transform_and_lower
 
-        part = replace(part, module=graph_for_xnnpack(part.module, precision))
+        part = replace(part, module=graph_for_xnnpack(part.module))
         if precision == "fp32":
             module = part.module
         elif precision == "int8":

@@ -106,20 +106,19 @@ def test_image_positional_encoding_built_in_the_graph_is_segment_anythings(our_m
     assert (actual - expected).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
-def test_executorch_graph_patches_compute_the_models_answer(exported, precision):
-    """The ExecuTorch target's patched copy (norms as XNNPACK ops; for int8 the large
-    convolutions as linear layers, BatchNorm fused) gives the encoder's embeddings, and the
-    original module is left as it was."""
+def test_executorch_graph_patches_compute_the_models_answer(exported):
+    """The ExecuTorch target's patched copy (norms as XNNPACK ops, the large convolutions as
+    linear layers, BatchNorm fused) gives the encoder's embeddings, and the original module is
+    left as it was."""
     from mobile_targets.executorch_target import ConvolutionAsLinear, graph_for_xnnpack
 
     encoder, image, _ = exported["encoder"]
     before = {name: type(module) for name, module in encoder.named_modules()}
-    patched = graph_for_xnnpack(encoder, precision)
+    patched = graph_for_xnnpack(encoder)
     assert {name: type(module) for name, module in encoder.named_modules()} == before
     as_linear = sorted(name for name, module in patched.named_modules() if isinstance(module, ConvolutionAsLinear))
     expected = ["neck.0", "neck.2", "stages.3.downsample.conv1", "stages.3.downsample.conv3"]
-    assert as_linear == ([f"image_encoder.{name}" for name in expected] if precision == "int8" else [])
+    assert as_linear == [f"image_encoder.{name}" for name in expected]
     with torch.no_grad():
         reference, ours = encoder(*image), patched(*image)
     assert (ours - reference).abs().max() < 1e-4 * reference.abs().max()
