@@ -116,17 +116,16 @@ def main() -> None:
     ]
     with torch.no_grad():
         expected = encoder.module(*encoder.example_inputs).numpy()
-    names = list(VARIANTS)
     _unsafe_reset_threadpool(args.threads)
     methods, quality = {}, {}
     with tempfile.TemporaryDirectory() as folder:
-        for name in names:
-            part = PartToConvert(VARIANTS[name](encoder.module), encoder.contract, encoder.example_inputs)
+        for name, variant in VARIANTS.items():
+            part = PartToConvert(variant(encoder.module), encoder.contract, encoder.example_inputs)
             path = Path(folder) / f"{name}.pte"
             TARGET.convert_part(part, args.precision, path)
             methods[name] = Runtime.get().load_program(path).load_method("forward")
             quality[name] = psnr_db(expected, methods[name].execute(list(encoder.example_inputs))[0].numpy())
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for _ in range(args.runs):
         for name, method in methods.items():
             start = time.perf_counter()
@@ -134,7 +133,7 @@ def main() -> None:
             times[name].append((time.perf_counter() - start) * 1e3)
     shipped = float(np.median(times["shipped"]))
     print(f"ExecuTorch {args.precision} encoder, {args.threads} threads, {args.runs} interleaved runs each")
-    for name in names:
+    for name in VARIANTS:
         median = float(np.median(times[name]))
         print(
             f"{name:14s} median {median:7.1f} ms  min {min(times[name]):7.1f} ms  "
