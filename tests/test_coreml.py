@@ -226,13 +226,7 @@ def test_w8a8_decoder_is_calibrated_by_the_emulator(our_model, tmp_path):
     quantizers = [op for op in quantized.operations if op.type == "quantize"]
     assert len(quantizers) > 20 and "dequantize" in quantized.op_types
     assert any(op.startswith("constexpr_") for op in _constant_op_types(tmp_path / "w8a8.mlpackage"))
-    producer = {name: op.type for op in quantized.operations for name, _ in op.outputs}
-    consumers = {
-        op.type
-        for op in quantized.operations
-        for k in ("x", "input")
-        if k in op.arguments and op.arguments[k][0] == "var" and producer.get(op.arguments[k][1]) == "dequantize"
-    }
+    consumers = {op.type for op in _ops_reading_int8(quantized)}
     assert {"linear", "conv"} <= consumers and "add" not in consumers  # adds stay float
     inputs = {op.arguments["input"][1] for op in quantizers if op.arguments["input"][0] == "var"}
     seen: dict[str, float] = {}
@@ -251,6 +245,64 @@ def test_w8a8_decoder_is_calibrated_by_the_emulator(our_model, tmp_path):
         target.load_runner(tmp_path / "w8a8.mlpackage", decoder.contract), list(decoder.selftest), tolerance
     )
     assert all(result.passed for result in results), [result.misses for result in results]
+
+
+def test_w8a8_keeps_the_encoder_trunk_layers_float(tmp_path):
+    """On a small TinyViT of MobileSAM's shape: the layers `FLOAT_MODULES` names (those that
+    read or write the residual trunk) get no int8 input, every other convolution and linear
+    layer does, and the manifest's details count the int8 share of the multiply-adds."""
+    import torch
+
+    from mobile_targets.base import PartToConvert
+    from mobile_targets.coreml.activation_quantization import module_paths
+    from mobile_targets.coreml.converter import exported_program
+    from pipeline.model import MobileSamTinyViT
+
+    torch.manual_seed(0)
+    # two heads per stage: with one, coremltools 9.0 fails on the bias gather (const_elimination)
+    encoder = MobileSamTinyViT(embed_dims=(16, 32, 32, 64), depths=(1, 1, 2, 1), num_heads=(2, 2, 2, 2), out_chans=256)
+    with torch.no_grad():  # non-zero relative-position biases, as load_model's random weights have
+        for module in encoder.modules():
+            if hasattr(module, "attention_biases"):
+                module.attention_biases.normal_()
+    wrapper = torch.nn.Sequential()
+    wrapper.add_module("image_encoder", encoder)  # the export wrapper's name for it, as the real part has it
+    photos = [torch.rand(1, 3, 1024, 1024) * 4 - 2 for _ in range(2)]
+    part = PartToConvert(
+        wrapper.eval(),
+        encoder_contract(),
+        (photos[0],),
+        calibration=lambda: tuple({"image": p.numpy()} for p in photos),
+    )
+    details = get_target("coreml").convert_part(part, "w8a8", tmp_path / "small_w8a8.mlpackage")
+    assert 0.5 < details["int8_activation_mac_share"] < 1.0, details
+    program = MilProgram(tmp_path / "small_w8a8.mlpackage")
+    reading_int8 = {name for op in _ops_reading_int8(program) for name, _ in op.outputs}
+    layers = {name for op in program.operations if op.type in ("conv", "linear") for name, _ in op.outputs}
+    paths = module_paths(exported_program(part.module, part.example_inputs))
+    kept_float = sorted(
+        paths[name.removesuffix("_cast_fp16")].removeprefix("image_encoder.") for name in layers - reading_int8
+    )
+    blocks = ((1, 0), (2, 0), (2, 1), (3, 0))
+    expected = (
+        [f"stages.{s}.blocks.{b}.local_conv.bn" for s, b in blocks]
+        + [f"stages.{s}.blocks.{b}.attn.forward.__self__.proj" for s, b in blocks]
+        + [f"stages.{s}.downsample.conv2.bn" for s in (1, 2, 3)]
+        + ["stages.1.downsample.conv1.bn", "stages.1.downsample.conv3.bn"]
+    )
+    assert kept_float == sorted(expected)
+    assert len(reading_int8 & layers) > len(expected)  # qkv, MLPs, patch embedding, stage 0, neck
+
+
+def _ops_reading_int8(program: MilProgram) -> list:
+    """The ops whose main input (`x` or `input`) comes from a dequantize op."""
+    producer = {name: op.type for op in program.operations for name, _ in op.outputs}
+    return [
+        op
+        for op in program.operations
+        for k in ("x", "input")
+        if k in op.arguments and op.arguments[k][0] == "var" and producer.get(op.arguments[k][1]) == "dequantize"
+    ]
 
 
 def _constant_op_types(package) -> set[str]:

@@ -1,8 +1,9 @@
 """Core ML W8A8: coremltools' activation quantization, calibrated on real photos by the emulator.
 
 What an app on an A17 / M4 or later wants for the Neural Engine's int8 compute: int8 weights and
-int8 activations, as quantize/dequantize pairs around every convolution and linear layer
-(`coremltools.optimize.coreml.linear_quantize_activations`, iOS17+; adds stay float), then int8 weights
+int8 activations, as quantize/dequantize pairs around the convolutions and linear layers
+(`coremltools.optimize.coreml.linear_quantize_activations`, iOS17+; adds and the layers that
+read or write TinyViT's residual trunk stay float, `FLOAT_MODULES`), then int8 weights
 (`linear_quantize_weights`). coremltools measures the activation ranges with `MLModel.predict`,
 which exists only on macOS; here the same saved program runs in the MIL emulator instead
 (`calibration_ranges`), so the ranges come from the very ops Core ML will run.
@@ -10,9 +11,11 @@ which exists only on macOS; here the same saved program runs in the MIL emulator
 
 from __future__ import annotations
 
+import re
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +117,79 @@ adds quantized, 0.977 without; encoder embeddings (4 held-out photos) 23.8 dB wi
 without."""
 
 
+FLOAT_MODULES = (
+    r"\.local_conv\.",
+    r"\.attn\.(.*\.)?proj$",
+    r"\.downsample\.conv2\.",
+    r"\.stages\.1\.downsample\.",
+)
+"""Module paths (regular expressions) whose convolutions and linear layers keep float activations.
+
+Why: per-tensor int8 on TinyViT's residual trunk costs far more than anywhere else. A block's
+`local_conv` (depthwise) reads and writes the trunk itself, each attention's `proj` writes into
+it, and the patch mergings' depthwise convolutions and all of the first merging (stage 0's
+64-channel trunk at 256x256 into stage 1) carry it between stages. Found by quantizing one group
+of layers at a time on held-out photos (README, "Core ML target", w8a8); these layers hold few of
+the encoder's multiply-adds (`ActivationPlan.int8_mac_share`)."""
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    """Which quantizable ops keep float activations, and how much compute the int8 ones hold."""
+
+    float_ops: tuple[str, ...]
+    """MIL op names whose activations stay float (fp32-compute ops and `FLOAT_MODULES`' layers)."""
+    int8_mac_share: float
+    """Fraction of the convolutions' and linear layers' multiply-adds with int8 activations."""
+
+
+def module_paths(program: Any) -> dict[str, str]:
+    """FX node name -> innermost module path, from a torch.export program.
+
+    coremltools names each MIL op after the node it came from (plus `_cast_fp16` once fp16), so
+    this is how a MIL op finds its module: a convolution fused with its BatchNorm carries the
+    BatchNorm node's name, which sits in the same parent module."""
+    paths = {}
+    for node in program.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            paths[node.name] = next(reversed(stack.values()))[0]
+    return paths
+
+
+def activation_plan(model: Any, paths: Mapping[str, str]) -> ActivationPlan:
+    """The ops of `model` (an fp16 ML Program) whose activations stay float, given `paths` from
+    `module_paths` on the program it was converted from."""
+    main = model._mil_program.functions["main"]
+    quantizable = [op for op in main.operations if op.op_type in ("conv", "linear")]
+    in_float_modules = {
+        op.name
+        for op in quantizable
+        if any(re.search(p, paths.get(op.name.removesuffix("_cast_fp16"), "")) for p in FLOAT_MODULES)
+    }
+    float_ops = tuple(fp32_compute_ops(model)) + tuple(sorted(in_float_modules))
+    macs = {op.name: _multiply_adds(op) for op in quantizable}
+    total = sum(macs.values())
+    int8 = sum(count for name, count in macs.items() if name not in float_ops)
+    return ActivationPlan(float_ops=float_ops, int8_mac_share=int8 / total if total else 0.0)
+
+
+def _multiply_adds(op: Any) -> int:
+    """Output elements times each output's reduction length (conv weight O x I/g x kH x kW,
+    linear weight O x I)."""
+    return int(np.prod(op.outputs[0].shape)) * int(np.prod(op.inputs["weight"].shape[1:]))
+
+
 def quantize_activations_and_weights(
-    model: Any, samples: Sequence[dict[str, np.ndarray]], weight_threshold: int, deployment_target: str
+    model: Any,
+    samples: Sequence[dict[str, np.ndarray]],
+    weight_threshold: int,
+    deployment_target: str,
+    plan: ActivationPlan,
 ) -> Any:
-    """An fp16 ML Program with int8 activations (per tensor, symmetric) and int8 weights
-    (per channel, symmetric); `samples` are the calibration inputs, by input name."""
+    """An fp16 ML Program with int8 activations (per tensor, symmetric) except the plan's float
+    ops, and int8 weights (per channel, symmetric); `samples` are the calibration inputs, by
+    input name."""
     import coremltools.optimize.coreml as cto
 
     if deployment_target not in MINIMUM_DEPLOYMENT_TARGETS:
@@ -129,7 +200,7 @@ def quantize_activations_and_weights(
         raise PipelineError("w8a8 needs calibration samples (photos), got none")
     activations = cto.OptimizationConfig(
         global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric"),
-        op_name_configs=dict.fromkeys(fp32_compute_ops(model)),
+        op_name_configs=dict.fromkeys(plan.float_ops),
         op_type_configs=dict.fromkeys(FLOAT_OP_TYPES),
     )
     weights = cto.OptimizationConfig(

@@ -25,7 +25,11 @@ import numpy as np
 import torch
 
 from mobile_targets.base import PartToConvert, Runner, Target, replace_options
-from mobile_targets.coreml.activation_quantization import quantize_activations_and_weights
+from mobile_targets.coreml.activation_quantization import (
+    activation_plan,
+    module_paths,
+    quantize_activations_and_weights,
+)
 from pipeline.config import parse_bool
 from pipeline.contract import (
     BATCHED_DECODER,
@@ -251,7 +255,10 @@ def describe_precision(precision: str, options: CoreMLOptions) -> str:
         "fp16": "fp16 weights",
         "int8": "int8 per-channel symmetric weights",
         "palettize6": "6-bit k-means palettized weights (one table per tensor)",
-        "w8a8": "int8 per-channel symmetric weights, int8 per-tensor symmetric activations calibrated on photos",
+        "w8a8": (
+            "int8 per-channel symmetric weights, int8 per-tensor symmetric activations calibrated on photos "
+            "(adds and the encoder's residual-trunk layers float)"
+        ),
     }[precision]
     return f"{weights}, {compute}"
 
@@ -386,18 +393,22 @@ class CoreMLTarget(Target):
             minimum_deployment_target=getattr(ct.target, self.options.minimum_deployment_target),
             compute_precision=compute_precision,
         )
+        w8a8_details: dict[str, float] = {}
         if precision in ("int8", "palettize6"):
             model = compress_weights(model, precision)
         elif precision == "w8a8":
             if image_typed or part.calibration is None:
                 raise PipelineError("w8a8 needs a tensor-input part with calibration photos (encoder_input=tensor)")
+            plan = activation_plan(model, module_paths(program))
             model = quantize_activations_and_weights(
-                model, part.calibration(), WEIGHT_THRESHOLD, self.options.minimum_deployment_target
+                model, part.calibration(), WEIGHT_THRESHOLD, self.options.minimum_deployment_target, plan
             )
+            w8a8_details["int8_activation_mac_share"] = round(plan.int8_mac_share, 4)
         add_metadata(model, part, precision, self.options)
         model.save(str(path))
         make_readable(path)
         return {
+            **w8a8_details,
             "quantization": describe_precision(precision, self.options),
             "fp32_point_encoding": precision != "fp32" and self.options.fp32_point_encoding,
             "minimum_deployment_target": self.options.minimum_deployment_target,
