@@ -4,8 +4,9 @@ Converts the image encoder to w8a8 once per variant (int8 weights everywhere, ca
 sample calibration photos as the convert stage does), runs each package in the MIL emulator on
 held-out photos, and prints the embeddings PSNR against PyTorch fp32 and the int8 share of the
 multiply-adds. Variants: `shipped` (`FLOAT_MODULES` as the convert stage uses it), `all-int8`
-(no layer kept float), `weights-only` (every layer float), and `only:GROUP` (that group of
-layers int8, every other one float), for the groups in `GROUPS`.
+(no layer kept float), `weights-only` (every layer float), `only:GROUP` (that group of layers
+int8, every other one float) and `also-float:GROUP` (shipped, with that group float too), for the
+groups in `GROUPS`.
 
     PYTHONPATH=. python benchmarks/coreml_w8a8_layer_groups.py [--variants shipped all-int8 only:proj]
         [--checkpoint mobile_sam.pt] [--max-images 4] [--images DIR --annotations FILE]
@@ -53,9 +54,14 @@ def float_modules(variant: str) -> tuple[str, ...]:
         return ()
     if variant == "weights-only":
         return tuple(GROUPS.values())
-    group = variant.removeprefix("only:")
-    if not variant.startswith("only:") or group not in GROUPS:
-        raise SystemExit(f"unknown variant {variant!r}; expected shipped, all-int8, weights-only or only:GROUP")
+    kind, _, group = variant.partition(":")
+    if kind not in ("only", "also-float") or group not in GROUPS:
+        raise SystemExit(
+            f"unknown variant {variant!r}; expected shipped, all-int8, weights-only, only:GROUP or "
+            f"also-float:GROUP with GROUP one of {', '.join(GROUPS)}"
+        )
+    if kind == "also-float":
+        return (*activation_quantization.FLOAT_MODULES, GROUPS[group])
     return tuple(pattern for name, pattern in GROUPS.items() if name != group)
 
 

@@ -254,7 +254,7 @@ def test_w8a8_keeps_the_encoder_trunk_layers_float(tmp_path):
     import torch
 
     from mobile_targets.base import PartToConvert
-    from mobile_targets.coreml.activation_quantization import module_paths
+    from mobile_targets.coreml.activation_quantization import module_path, module_paths
     from mobile_targets.coreml.converter import exported_program
     from pipeline.model import MobileSamTinyViT
 
@@ -280,9 +280,8 @@ def test_w8a8_keeps_the_encoder_trunk_layers_float(tmp_path):
     reading_int8 = {name for op in _ops_reading_int8(program) for name, _ in op.outputs}
     layers = {name for op in program.operations if op.type in ("conv", "linear") for name, _ in op.outputs}
     paths = module_paths(exported_program(part.module, part.example_inputs))
-    kept_float = sorted(
-        paths[name.removesuffix("_cast_fp16")].removeprefix("image_encoder.") for name in layers - reading_int8
-    )
+    assert all(module_path(name, paths) for name in layers)  # every layer found its module
+    kept_float = sorted(module_path(name, paths).removeprefix("image_encoder.") for name in layers - reading_int8)
     blocks = ((1, 0), (2, 0), (2, 1), (3, 0))
     expected = (
         [f"stages.{s}.blocks.{b}.local_conv.bn" for s, b in blocks]

@@ -157,15 +157,21 @@ def module_paths(program: Any) -> dict[str, str]:
     return paths
 
 
+def module_path(op_name: str, paths: Mapping[str, str]) -> str:
+    """The module path of a MIL op ("" when none): its node's name is the op's without
+    `_cast_fp16`, and without the `_0` coremltools appends to a node named like its op type
+    (the first `linear` node becomes `linear_0`)."""
+    name = op_name.removesuffix("_cast_fp16")
+    return paths.get(name) or paths.get(name.removesuffix("_0"), "")
+
+
 def activation_plan(model: Any, paths: Mapping[str, str]) -> ActivationPlan:
     """The ops of `model` (an fp16 ML Program) whose activations stay float, given `paths` from
     `module_paths` on the program it was converted from."""
     main = model._mil_program.functions["main"]
     quantizable = [op for op in main.operations if op.op_type in ("conv", "linear")]
     in_float_modules = {
-        op.name
-        for op in quantizable
-        if any(re.search(p, paths.get(op.name.removesuffix("_cast_fp16"), "")) for p in FLOAT_MODULES)
+        op.name for op in quantizable if any(re.search(p, module_path(op.name, paths)) for p in FLOAT_MODULES)
     }
     float_ops = tuple(fp32_compute_ops(model)) + tuple(sorted(in_float_modules))
     macs = {op.name: _multiply_adds(op) for op in quantizable}
