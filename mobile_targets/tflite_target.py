@@ -3,8 +3,8 @@
 fp32: litert_torch.convert with the contract's names as keyword inputs and dict outputs, so
 an Android developer sees `image`, `point_coords`, ... and `low_res_masks`, not `args_0`.
 fp16: ai-edge-quantizer weight-only float casting (fp16 weights, fp32 compute).
-int8: ai-edge-quantizer; fully connected layers compute in int8 with activations quantized on the
-fly, the convolutions keep fp32 compute (`int8_recipe` says which weights are int8 and why).
+int8: ai-edge-quantizer; fully connected layers and the large convolutions compute in int8 with
+activations quantized on the fly, the others keep fp32 compute (`int8_recipe` says which and why).
 w8a8 (on request): full-integer static int8, every op on int8 tensors with ranges calibrated by
 the LiteRT interpreter on real photos, the form NPU delegates take (`quantize_full_integer`);
 float or int8 inputs and outputs (option `integer_io`).
@@ -33,7 +33,7 @@ SIGNATURE = "serving_default"
 QUANTIZATION = {
     "fp32": "none",
     "fp16": "fp16 weights",
-    "int8": "int8 fully connected (dynamic range) and neck, fp16 small convolutions",
+    "int8": "int8 fully connected, MBConv 1x1 and neck convolutions (dynamic range), fp16 other convolutions",
     "w8a8": "full-integer static int8 (weights and activations), calibrated on real photos",
 }
 TFLITE_IDENTIFIER = b"TFL3"
@@ -77,13 +77,16 @@ def _quantize(float_model: bytes, precision: str) -> bytes:
 
 
 def int8_recipe() -> list[dict[str, Any]]:
-    """Int8 weights for the fully connected layers (computed in int8, activations quantized on the
-    fly) and the neck's convolutions; fp16 weights for the other convolutions (later rules win).
+    """int8 compute (int8 weights, activations quantized on the fly) for the fully connected
+    layers, the MBConv blocks' 1x1 convolutions and the neck's two; fp16 weights with fp32 compute
+    for the other convolutions (later rules win).
 
-    Why: the patch embedding, patch-merging and depthwise convolutions hold few parameters, yet
-    int8 weights on them cost about 1.5 dB of embedding PSNR; the neck's convolutions are the large ones
-    and cost almost nothing in int8 (README, "TFLite target", has the figures). Dynamic range on
-    the convolutions bought no time, so they compute in fp32.
+    Why: the MBConvs' 1x1 convolutions run at 256 x 256 pixels, and with the neck they are 7.0 of
+    the encoder's 38.8 GMAC; in dynamic range int8 XNNPACK runs them on its int8 GEMMs, which took
+    the encoder to 0.83x the time of fp32 compute on them at 0.4 dB of embedding PSNR
+    (`benchmarks/tflite_int8_recipes.py`). The patch embedding, patch-merging and depthwise
+    convolutions hold few parameters, yet int8 weights on them cost about 1.5 dB, and dynamic
+    range on them bought no time (on the depthwise ones it cost time).
     """
     from ai_edge_quantizer import recipe
 
@@ -102,8 +105,13 @@ def int8_recipe() -> list[dict[str, Any]]:
         {**dynamic, "operation": "FULLY_CONNECTED"},
         {**fp16_weights, "operation": "CONV_2D"},
         {**fp16_weights, "operation": "DEPTHWISE_CONV_2D"},
-        {**weight_only, "regex": ".*Sequential_neck.*", "operation": "CONV_2D"},
+        *({**dynamic, "regex": regex, "operation": "CONV_2D"} for regex in INT8_CONVOLUTIONS),
     ]
+
+
+INT8_CONVOLUTIONS = (".*MBConv.*", ".*Sequential_neck.*")
+"""Tensor-name patterns (litert-torch's module paths) of the convolutions `int8_recipe` computes
+in int8: the MBConv blocks' and the neck's."""
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,20 @@ def test_random_weights_are_announced(caplog):
     assert "random weights" in caplog.text
 
 
+def test_random_weights_leave_no_branch_at_zero():
+    """timm zero-initialises each MBConv's last BatchNorm weight; fresh weights must not, or
+    converters fold the branch away and time a smaller encoder than a checkpoint's."""
+    fresh, _ = load_model("vit_t", None, seed=0)
+    zero_initialized = build_mobile_sam()
+    names = [
+        name
+        for name, module in zero_initialized.image_encoder.named_modules()
+        if isinstance(module, torch.nn.BatchNorm2d) and not torch.any(module.weight)
+    ]
+    assert names == ["stages.0.blocks.0.conv3.bn", "stages.0.blocks.1.conv3.bn"]
+    assert all(torch.all(fresh.image_encoder.get_submodule(name).weight != 0) for name in names)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         read_state_dict(tmp_path / "nope.pt")
