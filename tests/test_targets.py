@@ -230,9 +230,9 @@ def test_every_file_passes_its_self_test_vectors(converted):
 
 def test_benchmark_times_every_file_in_ratios(converted):
     """The benchmark session's measurements on real files: every file timed, floors and baselines
-    measured, ratios written, the point sweep converting decoders at another N, and for
-    ExecuTorch a per-op profile whose ops add up to no more than the whole call; for TFLite which
-    ops XNNPACK takes."""
+    measured, ratios written, the point sweep converting decoders at another N, the runtime's own
+    GEMM rates (fp32 and int8) where files are timed, and for ExecuTorch a per-op profile whose
+    ops add up to no more than the whole call; for TFLite which ops XNNPACK takes."""
     from validation.benchmark.measure import run_benchmark
     from validation.benchmark.report import write_benchmark
 
@@ -269,11 +269,16 @@ def test_benchmark_times_every_file_in_ratios(converted):
             assert census.error is None and sum(census.delegated.values()) > 100
             if "image_encoder" in census.file:  # only the relative-position bias gathers stay out of XNNPACK
                 assert set(census.outside) <= {"GATHER_ND"}, census.outside
+    timed = not get_target(manifest.target).emulation_note()
+    assert all(rate.error is None and rate.gops_per_s > 0 for rate in result.gemm_rates), result.gemm_rates
+    expected_rates = {(manifest.target, precision) for precision in ("fp32", "int8")} if timed else set()
+    assert {(rate.target, rate.precision) for rate in result.gemm_rates} == expected_rates
     written = write_benchmark(result, out)
     assert [p.name for p in written] == ["benchmark.json", "benchmark.md", "benchmark.png"]
     text = written[1].read_text()
     assert all(Path(a.file).name in text for a in result.artifacts)
     assert ("## TFLite: ops XNNPACK takes" in text) == (manifest.target == "tflite")
+    assert ("## What the runtimes' own GEMMs reach" in text) == timed
 
 
 def test_tflite_w8a8_attention_is_full_integer(tmp_path):

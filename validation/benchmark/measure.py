@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from mobile_targets import get_target, load_artifact_runner
+from mobile_targets.base import PartToConvert
 from mobile_targets.convert import build_parts, convert_one, pytorch_outputs
 from pipeline.checkpoints import load_model
 from pipeline.config import RunConfig
-from pipeline.contract import DECODER_PARTS, contract_for, prompts_per_call
+from pipeline.contract import DECODER_PARTS, PartContract, TensorSpec, contract_for, prompts_per_call
 from pipeline.datasets import CocoPhotos
 from pipeline.errors import PipelineError, one_line
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
@@ -37,11 +38,13 @@ from validation.baselines import (
     time_call as time_latency,
 )
 from validation.benchmark.schema import (
+    GEMM_SHAPE,
     ArtifactBenchmark,
     Baseline,
     Benchmark,
     DelegationCensus,
     Floor,
+    GemmRate,
     OpCost,
     OpProfile,
     SweepPoint,
@@ -211,6 +214,41 @@ def point_sweep(
     return sweep
 
 
+GEMM_PRECISIONS = ("fp32", "int8")
+
+
+def gemm_rates(target_names: list[str], threads: list[int], warmup: int, runs: int) -> list[GemmRate]:
+    """Each target's runtime on one `GEMM_SHAPE` linear layer, converted by the target itself
+    (int8: the target's own int8 scheme, XNNPACK's dynamically quantized GEMMs in both)."""
+    rows, inputs, outputs = GEMM_SHAPE
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(inputs, outputs).eval()
+    x = torch.randn(1, rows, inputs)
+    contract = PartContract(
+        "gemm",
+        inputs=(TensorSpec("x", (1, rows, inputs), "float32", "activations"),),
+        outputs=(TensorSpec("y", (1, rows, outputs), "float32", "x @ weight.T + bias"),),
+    )
+    part = PartToConvert(layer, contract, (x,))
+    feed = {"x": x.numpy()}
+    rates = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name in target_names:
+            target = get_target(name)
+            for precision in GEMM_PRECISIONS:
+                path = Path(folder) / f"{name}_{precision}{target.extension}"
+                try:
+                    target.convert_part(part, precision, path)
+                    for count in threads:
+                        runner = target.load_runner(path, contract, threads=count)
+                        timing = time_call(lambda runner=runner: runner.run(feed), count, warmup, runs)
+                        gops = 2 * rows * inputs * outputs / timing.median_s / 1e9
+                        rates.append(GemmRate(name, precision, count, gops))
+                except Exception as error:
+                    rates.append(GemmRate(name, precision, 0, None, one_line(error)))
+    return rates
+
+
 FRAME_EVENTS = ("Method::execute", "DELEGATE_CALL", "OPERATOR_CALL")
 """ETDump events that enclose others (the whole call, a delegate call, a kernel call's frame
 around its `native_call_*` event); counting them too would count the same time twice."""
@@ -292,6 +330,7 @@ def run_benchmark(
     sam, _ = load_model(model_type, checkpoint, seed)
     reference = ReferencePredictor(sam, encoders[0].manifest.config["num_points"])
     encoder_inputs, decoder_inputs = encoders[0].inputs(), decoders[0].inputs()
+    timed_targets = sorted({f.record.target for f in files if not get_target(f.record.target).emulation_note()})
     timed_decoders = [
         f
         for f in decoders
@@ -307,4 +346,5 @@ def run_benchmark(
         sweep=point_sweep(out, sam, model_type, timed_decoders, points, max(threads), warmup, runs),
         profiles=[executorch_profile(f, max(threads)) for f in encoders if f.record.target == "executorch"],
         delegation=[tflite_delegation(f) for f in files if f.record.target == "tflite"],
+        gemm_rates=gemm_rates(timed_targets, threads, warmup, max(runs, 5)),
     )

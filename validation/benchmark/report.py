@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from validation.benchmark.schema import BENCHMARK_JSON, GRID_SIDES, ArtifactBenchmark, Benchmark
+from validation.benchmark.schema import BENCHMARK_JSON, GEMM_SHAPE, GRID_SIDES, ArtifactBenchmark, Benchmark
 
 OUTSIDE_FAST = ("outside xnnpack",)
 TOP_OPS = 12
@@ -40,6 +40,30 @@ def markdown(result: Benchmark) -> str:
             f"| {f.threads} | {f.encoder_gflops:.1f} | {f.fp32_gflops_per_s:.0f} | {f.int8_gops_per_s:.0f} "
             f"| {_ms(f.fp32_floor_s)} | {_ms(f.int8_floor_s)} |"
         )
+    if result.gemm_rates:
+        lines += [
+            "",
+            "## What the runtimes' own GEMMs reach",
+            "",
+            f"One {' x '.join(map(str, GEMM_SHAPE))} linear layer (rows x inputs x outputs, the encoder's largest) "
+            "converted by each target and timed in its runtime; the last columns are the encoder's multiply-adds "
+            "alone at that rate, against the fp32 floor.",
+            "",
+            "| target | precision | threads | GOP/s | vs torch's fp32 rate | encoder's GEMMs alone ms "
+            "| vs fp32 floor |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for rate in result.gemm_rates:
+            floor = result.floor(rate.threads)
+            if rate.error or floor is None:
+                lines.append(f"| {rate.target} | {rate.precision} | - | failed: {rate.error} | | | |")
+                continue
+            alone = rate.encoder_s(floor)
+            lines.append(
+                f"| {rate.target} | {rate.precision} | {rate.threads} | {rate.gops_per_s:.0f} "
+                f"| {_ratio(rate.gops_per_s / floor.fp32_gflops_per_s)} | {_ms(alone)} "
+                f"| {_ratio(alone / floor.fp32_floor_s if alone else None)} |"
+            )
     lines += ["", "## Baselines (fp32)", "", "| runtime | part | threads | median ms | p90 ms |"]
     lines.append("|---|---|---|---|---|")
     for baseline in result.baselines:

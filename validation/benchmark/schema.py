@@ -8,6 +8,10 @@ from pipeline.contract import BATCHED_DECODER, DECODER
 
 BENCHMARK_JSON = "benchmark.json"
 
+GEMM_SHAPE = (4096, 320, 1280)
+"""Rows x inputs x outputs of the encoder's largest linear layers (the last stage's MLP fc1, one
+row per token of the 64 x 64 grid)."""
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -130,6 +134,23 @@ class GridCost:
         return self.one_prompt_call_s / (self.batched_call_s / self.batch)
 
 
+@dataclass(frozen=True)
+class GemmRate:
+    """One runtime's own GEMM rate at one precision and thread count: a linear layer of the
+    encoder's largest shape converted by the target and timed in its runtime. The floors take
+    torch's rate; this is what the files' own kernels reach on the same product."""
+
+    target: str
+    precision: str
+    threads: int
+    gops_per_s: float | None
+    error: str | None = None
+
+    def encoder_s(self, floor: Floor) -> float | None:
+        """The encoder's multiply-adds alone at this rate."""
+        return None if not self.gops_per_s else floor.encoder_gflops / self.gops_per_s
+
+
 @dataclass
 class Benchmark:
     machine: str
@@ -141,6 +162,7 @@ class Benchmark:
     sweep: list[SweepPoint]
     profiles: list[OpProfile]
     delegation: list[DelegationCensus] = field(default_factory=list)
+    gemm_rates: list[GemmRate] = field(default_factory=list)
 
     def baseline(self, runtime: str, part: str, threads: int) -> Timing | None:
         for baseline in self.baselines:
