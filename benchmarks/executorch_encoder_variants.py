@@ -6,29 +6,37 @@ in ExecuTorch's runtime, so machine noise hits all alike):
   fused-windows the window partition folded into the attention's head split: q, k and v from
                 separate projections, each moved to (windows x heads, tokens, dim) by one 6-D
                 permute (k straight to its transposed layout), so no slices and no partition or
-                reverse transposes; the same arithmetic.
+                reverse transposes; the same arithmetic;
+  fp32-mbconv   (int8 only) stage 0's MBConv convolutions in fp32, as the int8 files had them
+                before `INT8_CONVOLUTION_MODULES`;
+  int8-patch-embed (int8 only) the patch embedding's two convolutions in int8 too. (The patch
+                mergings' convolutions in int8 fail to lower: ExecuTorch 1.5.1's
+                ChannelsLastTaggedReshapePass raises on them.)
 Prints each variant's median and minimum in ms, its ratio to the shipped file, and its embedding
 PSNR against PyTorch fp32.
 
     PYTHONPATH=. python benchmarks/executorch_encoder_variants.py [--precision fp32|int8]
-        [--threads 2] [--runs 12] [--checkpoint mobile_sam.pt]
+        [--variants shipped fused-windows fp32-mbconv] [--threads 2] [--runs 12] [--checkpoint mobile_sam.pt]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import tempfile
 import time
 import types
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models.tiny_vit import TinyVitBlock
 
+from mobile_targets import executorch_target
 from mobile_targets.base import PartToConvert
 from mobile_targets.convert import build_parts
 from mobile_targets.executorch_target import TARGET
@@ -95,12 +103,24 @@ def fused_windows(encoder_wrapper: torch.nn.Module) -> torch.nn.Module:
 VARIANTS: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
     "shipped": lambda module: module,
     "fused-windows": fused_windows,
+    "fp32-mbconv": lambda module: module,
+    "int8-patch-embed": lambda module: module,
 }
+CONVERSION_PATCHES = {
+    "fp32-mbconv": lambda: mock.patch.object(executorch_target, "INT8_CONVOLUTION_MODULES", ()),
+    "int8-patch-embed": lambda: mock.patch.object(
+        executorch_target,
+        "INT8_CONVOLUTION_MODULES",
+        (*executorch_target.INT8_CONVOLUTION_MODULES, "timm.models.tiny_vit.PatchEmbed"),
+    ),
+}
+"""Variants that change the conversion rather than the module."""
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=["shipped", "fused-windows"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=12)
     parser.add_argument("--checkpoint", type=Path)
@@ -118,14 +138,16 @@ def main() -> None:
         expected = encoder.module(*encoder.example_inputs).numpy()
     _unsafe_reset_threadpool(args.threads)
     methods, quality = {}, {}
+    names = list(dict.fromkeys(["shipped", *args.variants]))
     with tempfile.TemporaryDirectory() as folder:
-        for name, variant in VARIANTS.items():
-            part = PartToConvert(variant(encoder.module), encoder.contract, encoder.example_inputs)
+        for name in names:
+            part = PartToConvert(VARIANTS[name](encoder.module), encoder.contract, encoder.example_inputs)
             path = Path(folder) / f"{name}.pte"
-            TARGET.convert_part(part, args.precision, path)
+            with CONVERSION_PATCHES.get(name, contextlib.nullcontext)():
+                TARGET.convert_part(part, args.precision, path)
             methods[name] = Runtime.get().load_program(path).load_method("forward")
             quality[name] = psnr_db(expected, methods[name].execute(list(encoder.example_inputs))[0].numpy())
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.runs):
         for name, method in methods.items():
             start = time.perf_counter()
@@ -133,7 +155,7 @@ def main() -> None:
             times[name].append((time.perf_counter() - start) * 1e3)
     shipped = float(np.median(times["shipped"]))
     print(f"ExecuTorch {args.precision} encoder, {args.threads} threads, {args.runs} interleaved runs each")
-    for name in VARIANTS:
+    for name in names:
         median = float(np.median(times[name]))
         print(
             f"{name:14s} median {median:7.1f} ms  min {min(times[name]):7.1f} ms  "

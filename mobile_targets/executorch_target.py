@@ -31,7 +31,10 @@ PTE_IDENTIFIER_OFFSET = 4
 PTE_IDENTIFIER_PREFIX = b"ET"
 
 
-INT8_SCHEME = "dynamic int8 linear layers (large convolutions as linear layers), fp32 small convolutions"
+INT8_SCHEME = (
+    "dynamic int8 linear layers (large convolutions as linear layers) and MBConv 1x1 convolutions, "
+    "fp32 other convolutions"
+)
 """Both parts use XNNPACK's dynamically quantized linear layers: int8 per-channel weights,
 activations quantized per row at run time (XNNPACK's QD8 kernels), so every row keeps its own
 scale. Static per-tensor int8 activations (calibrated on real photos) were tried first and lost
@@ -57,16 +60,35 @@ def _quantize_int8(part: PartToConvert) -> torch.nn.Module:
 
 def int8_layers_only_linear(quantizer: Any, config: Any) -> Any:
     """Quantize the linear layers (most of the FLOPs and weights, and the large convolutions once
-    `large_convolutions_as_linear` has made them linear layers); convolutions keep fp32.
+    `large_convolutions_as_linear` has made them linear layers) and the convolutions inside
+    `INT8_CONVOLUTION_MODULES`; the other convolutions keep fp32.
 
     Why: int8 convolution weights cost 1.8 dB of embedding PSNR on top of the linear layers'
-    loss (README, "ExecuTorch target"), and a dynamically quantized convolution cannot share a
-    delegate partition with fp32 ops (XNNPACK's channels-last pass
-    fails: "required rank 4 tensor to use channels_last format"), so each one, and every op
-    around it, became its own partition with NCHW/NHWC transposes in and out: the int8 encoder
-    came out slower than the fp32 one.
+    loss (README, "ExecuTorch target"), and outside stage 0 int8 convolutions bought no time or
+    failed to lower (`INT8_CONVOLUTION_MODULES`).
+    XNNPACK's quantizer selects by a filter over every node of a pattern: its module-type filter
+    also rejects the weights' get_attr nodes, which carry no module stack, so no convolution
+    would be quantized through `set_module_type`; the filter here passes them.
     """
-    return quantizer.set_module_type(torch.nn.Linear, config)
+    return quantizer.set_global(config).set_filter_function(_from_int8_module)
+
+
+INT8_CONVOLUTION_MODULES = ("timm.models.tiny_vit.MBConv",)
+"""Module types whose convolutions the int8 files compute in int8 (XNNPACK's QD8 convolution;
+the depthwise ones stay fp32: its quantizer has no dynamic depthwise form). Stage 0's MBConv
+blocks run at 256 x 256 pixels: their four 1x1 convolutions are 4.3 of the encoder's 38.8 GMAC.
+Not the patch embedding (no time gained) nor the patch mergings (ExecuTorch 1.5.1's
+ChannelsLastTaggedReshapePass fails on them): `benchmarks/executorch_encoder_variants.py`."""
+
+
+def _from_int8_module(node: Any) -> bool:
+    """A node the int8 scheme quantizes: a call inside a linear layer or an
+    `INT8_CONVOLUTION_MODULES` block, or any non-call node of its pattern (weights, inputs)."""
+    if node.op != "call_function":
+        return True
+    wanted = {"torch.nn.modules.linear.Linear", *INT8_CONVOLUTION_MODULES}
+    stack = node.meta.get("nn_module_stack", {}).values()
+    return any((t if isinstance(t, str) else f"{t.__module__}.{t.__qualname__}") in wanted for _, t in stack)
 
 
 def xnnpack_partitioners(precision: str) -> list[Any]:
@@ -188,20 +210,28 @@ def convolution_fits_linear(conv: nn.Conv2d) -> bool:
     )
 
 
+def conv_norms_fused(module: nn.Module) -> nn.Module:
+    """`module` with every timm ConvNorm (convolution + BatchNorm) as its fused convolution, in place.
+
+    Why: XNNPACK's quantizer takes a dynamically quantized convolution as the convolution alone,
+    so the int8 MBConv convolutions carry their norm folded in (in fp32 XNNPACK folds it anyway);
+    and `large_convolutions_as_linear` then sees plain convolutions.
+    """
+    for name, child in list(module.named_modules()):
+        if isinstance(child, ConvNorm):
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, attribute, child.fuse())
+    return module
+
+
 def large_convolutions_as_linear(module: nn.Module, min_weights: int = LINEAR_CONVOLUTION_MIN_WEIGHTS) -> nn.Module:
     """`module` with every convolution of at least `min_weights` weights that fits as
-    `ConvolutionAsLinear`, in place; timm's conv + BatchNorm pairs (ConvNorm) are fused first."""
-    modules = dict(module.named_modules())
-    for name, child in modules.items():
-        parent_name, _, attribute = name.rpartition(".")
-        if isinstance(child, ConvNorm):
-            conv = child.fuse()
-        elif isinstance(child, nn.Conv2d) and not isinstance(modules[parent_name], ConvNorm):
-            conv = child
-        else:
-            continue
-        if conv.weight.numel() >= min_weights and convolution_fits_linear(conv):
-            setattr(modules[parent_name], attribute, ConvolutionAsLinear(conv))
+    `ConvolutionAsLinear`, in place (run `conv_norms_fused` first: a ConvNorm's convolution
+    alone would lose its norm)."""
+    for name, child in list(module.named_modules()):
+        if isinstance(child, nn.Conv2d) and child.weight.numel() >= min_weights and convolution_fits_linear(child):
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(module.get_submodule(parent_name) if parent_name else module, attribute, ConvolutionAsLinear(child))
     return module
 
 
@@ -224,9 +254,9 @@ def norms_as_xnnpack_ops(module: nn.Module) -> nn.Module:
 
 def graph_for_xnnpack(module: nn.Module) -> nn.Module:
     """A copy of `module` with this target's graph patches (the original, which the reference
-    predictor runs, is left as it was), the same for both precisions: the large convolutions as
-    linear layers, then the norms."""
-    patched = large_convolutions_as_linear(copy.deepcopy(module))
+    predictor runs, is left as it was), the same for both precisions: BatchNorms fused, the large
+    convolutions as linear layers, then the norms."""
+    patched = large_convolutions_as_linear(conv_norms_fused(copy.deepcopy(module)))
     return norms_as_xnnpack_ops(patched).eval()
 
 
