@@ -216,10 +216,10 @@ def plot(result: Benchmark, path: Path) -> None:
     if floor is not None:
         left.axhline(floor.fp32_floor_s * 1000, color="black", linestyle="--", label=f"fp32 floor ({floor.threads}t)")
         left.axhline(floor.int8_floor_s * 1000, color="grey", linestyle=":", label=f"int8 floor ({floor.threads}t)")
-    for runtime in ("pytorch", "onnxruntime"):
+    for runtime, color in (("pytorch", "tab:red"), ("onnxruntime", "tab:purple")):
         timing = result.baseline(runtime, "image_encoder", max(result.threads))
         if timing is not None:
-            left.axhline(timing.median_s * 1000, linestyle="-.", linewidth=1, label=f"{runtime} fp32")
+            left.axhline(timing.median_s * 1000, color=color, linestyle="-.", linewidth=1, label=f"{runtime} fp32")
     left.set_xticks([i + width * (len(result.threads) - 1) / 2 for i in range(len(encoders))], labels, fontsize=8)
     left.set_ylabel("encoder median latency (ms)")
     left.set_title("Image encoder")
@@ -236,6 +236,8 @@ def plot(result: Benchmark, path: Path) -> None:
     right.set_title(f"Prompt decoder ({max(result.threads)} threads)")
     if series:
         right.legend(fontsize=7)
+    else:
+        right.text(0.5, 0.5, "no point sweep in this run (--points with no N)", ha="center", transform=right.transAxes)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     plt.close(figure)
