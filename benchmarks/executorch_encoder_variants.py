@@ -25,13 +25,12 @@ import argparse
 import contextlib
 import copy
 import tempfile
-import time
 import types
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.models.tiny_vit import TinyVitBlock
@@ -46,6 +45,7 @@ from pipeline.contract import ENCODER
 from pipeline.datasets import photos_from_options
 from pipeline.metrics import psnr_db
 from pipeline.model import _gather_biases_at_run_time
+from validation.baselines import time_interleaved
 
 
 def _separate_projections(attention: torch.nn.Module) -> None:
@@ -147,19 +147,13 @@ def main() -> None:
                 TARGET.convert_part(part, args.precision, path)
             methods[name] = Runtime.get().load_program(path).load_method("forward")
             quality[name] = psnr_db(expected, methods[name].execute(list(encoder.example_inputs))[0].numpy())
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.runs):
-        for name, method in methods.items():
-            start = time.perf_counter()
-            method.execute(list(encoder.example_inputs))
-            times[name].append((time.perf_counter() - start) * 1e3)
-    shipped = float(np.median(times["shipped"]))
+    inputs = list(encoder.example_inputs)
+    timings = time_interleaved({name: partial(method.execute, inputs) for name, method in methods.items()}, args.runs)
     print(f"ExecuTorch {args.precision} encoder, {args.threads} threads, {args.runs} interleaved runs each")
-    for name in names:
-        median = float(np.median(times[name]))
+    for t in timings:
         print(
-            f"{name:14s} median {median:7.1f} ms  min {min(times[name]):7.1f} ms  "
-            f"{median / shipped:.3f}x shipped  PSNR {quality[name]:.1f} dB"
+            f"{t.name:16s} median {t.median_ms:7.1f} ms  min {t.min_ms:7.1f} ms  "
+            f"{t.ratio:.3f}x shipped  PSNR {quality[t.name]:.1f} dB"
         )
 
 

@@ -17,7 +17,7 @@ fly) on more convolutions: `dynamic:GROUP[+GROUP...]` for the groups in `GROUPS`
 from __future__ import annotations
 
 import argparse
-import time
+from functools import partial
 from typing import Any
 from unittest import mock
 
@@ -36,6 +36,7 @@ from pipeline.config import RunConfig
 from pipeline.datasets import CocoPhotos
 from pipeline.metrics import psnr_db
 from pipeline.predictor import ReferencePredictor
+from validation.baselines import time_interleaved
 
 GROUPS = {
     "patch_embed": ("CONV_2D", ".*PatchEmbed_patch_embed.*"),
@@ -101,23 +102,13 @@ def main() -> None:
         runner = interpreter_class(model_content=content, num_threads=args.threads).get_signature_runner(SIGNATURE)
         psnr = [psnr_db(expected, runner(**{input_name: image})[output_name]) for image, expected in held_out]
         runners[name], quality[name], sizes[name] = runner, psnr, len(content) / 1e6
-    image = held_out[0][0]
-    for runner in runners.values():
-        runner(**{input_name: image})
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(args.runs):
-        for name, runner in runners.items():
-            start = time.perf_counter()
-            runner(**{input_name: image})
-            times[name].append((time.perf_counter() - start) * 1e3)
-    shipped = float(np.median(times["shipped"]))
+    feed = {input_name: held_out[0][0]}
+    timings = time_interleaved({name: partial(runner, **feed) for name, runner in runners.items()}, args.runs)
     print(f"TFLite int8 encoder recipes; weights: {weights.describe()}; {args.threads} threads, {args.runs} runs each")
-    for name in runners:
-        median = float(np.median(times[name]))
+    for t in timings:
         print(
-            f"{name:24s} median {median:7.1f} ms  {median / shipped:.3f}x shipped  {sizes[name]:.1f} MB  "
-            f"PSNR min {min(quality[name]):.1f} dB, mean {np.mean(quality[name]):.1f} dB",
-            flush=True,
+            f"{t.name:24s} median {t.median_ms:7.1f} ms  {t.ratio:.3f}x shipped  {sizes[t.name]:.1f} MB  "
+            f"PSNR min {min(quality[t.name]):.1f} dB, mean {np.mean(quality[t.name]):.1f} dB"
         )
 
 

@@ -9,6 +9,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,34 @@ def time_call(run: Callable[[], object], warmup: int, runs: int) -> Latency:
         run()
         seconds.append(time.perf_counter() - start)
     return Latency(statistics.median(seconds), float(np.percentile(seconds, 90)), runs)
+
+
+@dataclass(frozen=True)
+class InterleavedTiming:
+    """One variant's milliseconds in `time_interleaved`, and its median over the first variant's."""
+
+    name: str
+    median_ms: float
+    min_ms: float
+    ratio: float
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], runs: int) -> list[InterleavedTiming]:
+    """Each call over `runs` rounds that call each once in turn (after one untimed round), so
+    machine noise hits all alike: for comparing variants of one file against the first."""
+    for run in calls.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, run in calls.items():
+            start = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    reference = statistics.median(next(iter(times.values())))
+    return [
+        InterleavedTiming(name, statistics.median(ms), min(ms), statistics.median(ms) / reference)
+        for name, ms in times.items()
+    ]
 
 
 def reset_peak_memory() -> bool:
