@@ -281,6 +281,43 @@ def test_benchmark_times_every_file_in_ratios(converted):
     assert ("## What the runtimes' own GEMMs reach" in text) == timed
 
 
+def test_int8_encoders_compute_stage_0_in_int8(tflite_converted):
+    """The int8 recipes' convolutions: in TFLite the MBConvs' four 1x1 and the neck's two carry
+    int8 weights (dynamic range), the others not; in ExecuTorch an MBConv's two 1x1 convolutions
+    are quantized and its depthwise one and a convolution outside any MBConv are not."""
+    import functools
+
+    import torch
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from timm.models.tiny_vit import MBConv
+
+    from mobile_targets.base import PartToConvert
+    from mobile_targets.executorch_target import _quantize_int8, graph_for_xnnpack
+
+    interpreter = Interpreter(
+        model_path=str(tflite_converted.parent / "image_encoder_int8.tflite"),
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    int8_weights = [
+        tuple(int(d) for d in tensors[op["inputs"][1]]["shape"])
+        for op in interpreter._get_ops_details()
+        if op["op_name"] == "CONV_2D" and tensors[op["inputs"][1]]["dtype"] == np.int8
+    ]
+    mbconv = [(256, 1, 1, 64), (64, 1, 1, 256)] * 2
+    assert int8_weights == [*mbconv, (256, 1, 1, 320), (256, 3, 3, 256)]
+
+    module = torch.nn.Sequential(MBConv(8, 8, 4.0, torch.nn.GELU, 0.0), torch.nn.Conv2d(8, 8, 1)).eval()
+    example = (torch.randn(1, 8, 16, 16),)
+    quantized = _quantize_int8(PartToConvert(graph_for_xnnpack(module), None, example))
+    weight_shapes = [
+        tuple(functools.reduce(getattr, node.args[0].target.split("."), quantized).shape)
+        for node in quantized.graph.nodes
+        if "dequantize_per_channel" in str(node.target)
+    ]
+    assert sorted(weight_shapes) == [(8, 32, 1, 1), (32, 8, 1, 1)]
+
+
 def test_tflite_w8a8_attention_is_full_integer(tmp_path):
     """The w8a8 recipe on one TinyViT attention block (the whole encoder's w8a8 file takes minutes
     to convert here; validate measures it, README "TFLite target"): the patched attention gives
