@@ -43,7 +43,7 @@ pair's masks below the int8 gate (README, "ExecuTorch target", has the figures).
 
 
 def _quantize_int8(part: PartToConvert) -> torch.nn.Module:
-    """PT2E dynamic int8 for XNNPACK on the linear layers (`int8_layers_only_linear` says why)."""
+    """PT2E dynamic int8 for XNNPACK on the linear layers and stage 0's convolutions (`int8_layers` says why)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
@@ -52,13 +52,13 @@ def _quantize_int8(part: PartToConvert) -> torch.nn.Module:
 
     graph = torch.export.export(part.module, part.example_inputs, strict=True).module()
     config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)
-    prepared = prepare_pt2e(graph, int8_layers_only_linear(XNNPACKQuantizer(), config))
+    prepared = prepare_pt2e(graph, int8_layers(XNNPACKQuantizer(), config))
     with torch.no_grad():
         prepared(*part.example_inputs)
     return convert_pt2e(prepared)
 
 
-def int8_layers_only_linear(quantizer: Any, config: Any) -> Any:
+def int8_layers(quantizer: Any, config: Any) -> Any:
     """Quantize the linear layers (most of the FLOPs and weights, and the large convolutions once
     `large_convolutions_as_linear` has made them linear layers) and the convolutions inside
     `INT8_CONVOLUTION_MODULES`; the other convolutions keep fp32.
@@ -156,8 +156,8 @@ class ChannelNormAsConv(nn.Module):
 LINEAR_CONVOLUTION_MIN_WEIGHTS = 50_000
 """Convolutions of at least this many weights become linear layers: the neck's two and the last
 patch merging's two 1x1 (825k of the encoder's 1.0M convolution weights). The small ones (patch
-embedding, MBConv, depthwise) stay convolutions, fp32 in the int8 files too: int8 weights cost
-them the most precision for the least size (`int8_layers_only_linear`)."""
+embedding, MBConv, depthwise) stay convolutions, in the int8 files fp32 but for the MBConvs'
+(`int8_layers`)."""
 
 
 class ConvolutionAsLinear(nn.Module):
@@ -165,8 +165,8 @@ class ConvolutionAsLinear(nn.Module):
     channels-last pixels: a k x k kernel takes the k * k shifted copies of its padded input side
     by side (im2col from slices and one concat), its weight laid out to match.
 
-    Why: the int8 files quantize linear layers only (`int8_layers_only_linear` says why not
-    convolutions), so the large convolutions' weights stayed fp32 (4 MB of the int8 encoder). As
+    Why: the int8 files quantize linear layers and only stage 0's convolutions (`int8_layers`
+    says why not the others), so the large convolutions' weights stayed fp32 (4 MB of the int8 encoder). As
     linear layers they get int8 weights and XNNPACK's dynamically quantized GEMMs inside the same
     delegate partition as the rest. In the fp32 files the neck's 3x3 convolution as a linear
     layer (XNNPACK's fully connected GEMM after the im2col copies) runs faster than XNNPACK's
