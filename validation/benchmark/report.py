@@ -49,19 +49,21 @@ def markdown(result: Benchmark) -> str:
             "converted by each target and timed in its runtime; the last columns are the encoder's multiply-adds "
             "alone at that rate, against the fp32 floor.",
             "",
-            "| target | precision | threads | GOP/s | vs torch's fp32 rate | encoder's GEMMs alone ms "
+            "| target | precision | threads | GOP/s | vs torch's rate (same precision) | encoder's GEMMs alone ms "
             "| vs fp32 floor |",
             "|---|---|---|---|---|---|---|",
         ]
         for rate in result.gemm_rates:
             floor = result.floor(rate.threads)
             if rate.error or floor is None:
-                lines.append(f"| {rate.target} | {rate.precision} | - | failed: {rate.error} | | | |")
+                why = rate.error or f"no floor measured at {rate.threads} threads"
+                lines.append(f"| {rate.target} | {rate.precision} | - | failed: {why} | | | |")
                 continue
             alone = rate.encoder_s(floor)
+            torch_rate = floor.int8_gops_per_s if rate.precision == "int8" else floor.fp32_gflops_per_s
             lines.append(
                 f"| {rate.target} | {rate.precision} | {rate.threads} | {rate.gops_per_s:.0f} "
-                f"| {_ratio(rate.gops_per_s / floor.fp32_gflops_per_s)} | {_ms(alone)} "
+                f"| {_ratio(rate.gops_per_s / torch_rate)} | {_ms(alone)} "
                 f"| {_ratio(alone / floor.fp32_floor_s if alone else None)} |"
             )
     lines += ["", "## Baselines (fp32)", "", "| runtime | part | threads | median ms | p90 ms |"]
