@@ -23,9 +23,9 @@ from unittest import mock
 
 import numpy as np
 
-from mobile_targets import tflite_target
 from mobile_targets.convert import build_parts
-from mobile_targets.tflite_target import (
+from mobile_targets.tflite import converter as tflite_converter
+from mobile_targets.tflite.converter import (
     SIGNATURE,
     NamedInputsOutputs,
     int8_recipe,
@@ -59,7 +59,7 @@ def recipe_for(name: str) -> list[dict[str, Any]]:
     if name == "shipped":
         return shipped
     if name == "float-convolutions":
-        with mock.patch.object(tflite_target, "INT8_CONVOLUTIONS", ()):
+        with mock.patch.object(tflite_converter, "INT8_CONVOLUTIONS", ()):
             return int8_recipe()
     kind, _, groups = name.partition(":")
     selected = list(GROUPS.values()) if groups == "all" else [GROUPS.get(group) for group in groups.split("+")]

@@ -14,7 +14,7 @@ TARGET_MODULES = {
     "coreml": "mobile_targets.coreml.converter",
     "executorch": "mobile_targets.executorch_target",
     "executorch_coreml": "mobile_targets.executorch_coreml_target",
-    "tflite": "mobile_targets.tflite_target",
+    "tflite": "mobile_targets.tflite.converter",
 }
 
 

@@ -94,7 +94,7 @@ def test_refinement_with_the_previous_mask_matches_sam_predictor(photo_predictor
 def test_full_integer_attention_arithmetic_matches_the_float_decoder(photo_predictors, with_box):
     """TFLite's w8a8 decoder masks keys by a product and normalizes after the values
     (`exp_weighted_kept_values`): in fp32 it gives the float decoder's answer, padding included."""
-    from mobile_targets.tflite_target import attention_exp_as_sigmoids
+    from mobile_targets.tflite.converter import attention_exp_as_sigmoids
     from pipeline.contract import decoder_contract
 
     image, _, reference = photo_predictors

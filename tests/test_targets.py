@@ -231,8 +231,9 @@ def test_every_file_passes_its_self_test_vectors(converted):
 def test_benchmark_times_every_file_in_ratios(converted):
     """The benchmark session's measurements on real files: every file timed, floors and baselines
     measured, ratios written, the point sweep converting decoders at another N, the runtime's own
-    GEMM rates (fp32 and int8) where files are timed, and for ExecuTorch a per-op profile whose
-    ops add up to no more than the whole call; for TFLite which ops XNNPACK takes."""
+    GEMM rates (fp32 and int8) where files are timed, for ExecuTorch and TFLite a per-op profile
+    of each encoder (ETDump; LiteRT's profiler) whose ops add up to no more than the whole call,
+    and for TFLite which ops XNNPACK takes."""
     from validation.benchmark.measure import run_benchmark
     from validation.benchmark.report import write_benchmark
 
@@ -255,14 +256,20 @@ def test_benchmark_times_every_file_in_ratios(converted):
     assert all(row["timings"][0]["vs_fp32_floor"] > 0 and row["timings"][0]["vs_pytorch"] > 0 for row in encoder_rows)
     if manifest.target == "executorch":
         assert {(p.runtime, p.num_points) for p in result.sweep if p.timing} == {("pytorch", 3), ("executorch", 3)}
-        assert len(result.profiles) == 2
+    if manifest.target in ("executorch", "tflite"):
+        encoders = {a.file for a in manifest.artifacts if a.part == "image_encoder"}
+        assert {Path(p.file).name for p in result.profiles} == encoders
         for profile in result.profiles:
             assert profile.error is None and profile.total_ms > 0
             kernels = {op.kernel for op in profile.ops}
             assert "xnnpack fp32" in kernels
             assert sum(op.ms for op in profile.ops) <= 1.05 * profile.total_ms  # nothing counted twice
+            if manifest.target == "tflite":  # only the relative-position bias gathers run outside XNNPACK
+                assert {op.name for op in profile.ops if op.kernel == "outside xnnpack"} <= {"GATHER_ND"}
         int8 = next(p for p in result.profiles if p.precision == "int8")
         assert "xnnpack int8" in {op.kernel for op in int8.ops}
+    else:
+        assert not result.profiles
     if manifest.target == "tflite":
         assert {Path(c.file).name for c in result.delegation} == {a.file for a in manifest.artifacts}
         for census in result.delegation:
@@ -329,7 +336,7 @@ def test_tflite_w8a8_attention_is_full_integer(tmp_path):
     from timm.models.tiny_vit import Attention
 
     from mobile_targets.base import PartToConvert
-    from mobile_targets.tflite_target import attention_exp_as_sigmoids
+    from mobile_targets.tflite.converter import attention_exp_as_sigmoids
     from pipeline.contract import PartContract, TensorSpec
     from pipeline.model import _make_attention_export_friendly
 
@@ -368,3 +375,36 @@ def test_tflite_w8a8_attention_is_full_integer(tmp_path):
     answer = get_target("tflite").load_runner(path, contract).run({"tokens": samples[4].numpy()})["out"]
     print(f"tflite w8a8 attention block: {psnr_db(expected.numpy(), answer):.1f} dB against fp32")
     assert psnr_db(expected.numpy(), answer) > 30
+
+
+def test_litert_profiler_times_each_op_and_rejects_wrong_inputs(tmp_path):
+    """LiteRT's profiler through libLiteRt's C API, on one linear layer: one XNNPACK GEMM per
+    call (fp32, and QDU8 x QC8W in the int8 file) inside the whole call's time; an input of the
+    wrong size or name is one line, before anything runs."""
+    import torch
+
+    from mobile_targets.base import PartToConvert
+    from mobile_targets.tflite.profiler import profile_ops
+    from pipeline.contract import PartContract, TensorSpec
+    from pipeline.errors import PipelineError
+
+    torch.manual_seed(0)
+    contract = PartContract(
+        "gemm",
+        inputs=(TensorSpec("x", (1, 64, 32), "float32", "activations"),),
+        outputs=(TensorSpec("y", (1, 64, 48), "float32", "x @ weight.T + bias"),),
+    )
+    x = torch.randn(1, 64, 32)
+    part = PartToConvert(torch.nn.Linear(32, 48).eval(), contract, (x,))
+    target = get_target("tflite")
+    expected = {"fp32": "Fully Connected (NC, F32) GEMM", "int8": "Fully Connected (NC, QDU8, F32, QC8W) GEMM"}
+    for precision, gemm in expected.items():
+        path = tmp_path / f"gemm_{precision}.tflite"
+        target.convert_part(part, precision, path)
+        profile = profile_ops(path, {"x": x.numpy()}, threads=1, runs=2)
+        assert [(op.name, op.delegated, op.count) for op in profile.ops] == [(gemm, True, 1)], profile
+        assert 0 < profile.ops[0].ms <= profile.total_ms
+    with pytest.raises(PipelineError, match=r"input 'x' has 4096 bytes \(float32\), the file's tensor takes 8192"):
+        profile_ops(path, {"x": x.numpy()[:, :32]}, threads=1)
+    with pytest.raises(PipelineError, match="no input 'x' to profile with"):
+        profile_ops(path, {"image": x.numpy()}, threads=1)

@@ -304,9 +304,33 @@ def executorch_profile(item: FileUnderTest, threads: int, runs: int = 3) -> OpPr
     return profile
 
 
+def tflite_profile(item: FileUnderTest, threads: int, runs: int = 3) -> OpProfile:
+    """Per-op time of one `.tflite` from LiteRT's own profiler: XNNPACK's ops inside the
+    delegate, and every op LiteRT runs in its reference kernels."""
+    from mobile_targets.tflite.profiler import profile_ops
+
+    record = item.record
+    profile = OpProfile(record.target, record.precision, str(item.path), threads, 0.0, profiler="LiteRT profiler")
+    try:
+        runner = load_artifact_runner(item.manifest_path, item.manifest, record, threads)
+        measured = profile_ops(item.path, runner.file_inputs(item.inputs()), threads, runs)
+        profile.total_ms = measured.total_ms
+        profile.ops = [OpCost(op.name, classify_event(op.name, op.delegated), op.count, op.ms) for op in measured.ops]
+    except Exception as error:
+        profile.error = one_line(error)
+    return profile
+
+
+def encoder_profile(item: FileUnderTest, threads: int) -> OpProfile | None:
+    """The per-op profile of an encoder in its target's own profiler, where the target has one."""
+    profilers = {"executorch": executorch_profile, "tflite": tflite_profile}
+    profiler = profilers.get(item.record.target)
+    return profiler(item, threads) if profiler else None
+
+
 def tflite_delegation(item: FileUnderTest) -> DelegationCensus:
     """Which ops of one `.tflite` XNNPACK takes and which run in LiteRT's reference kernels."""
-    from mobile_targets.tflite_target import xnnpack_delegation
+    from mobile_targets.tflite.converter import xnnpack_delegation
 
     record = item.record
     census = DelegationCensus(record.target, record.precision, str(item.path))
@@ -344,7 +368,7 @@ def run_benchmark(
         baselines=baselines(reference, encoder_inputs, decoder_inputs, threads, warmup, runs),
         artifacts=artifacts,
         sweep=point_sweep(out, sam, model_type, timed_decoders, points, max(threads), warmup, runs),
-        profiles=[executorch_profile(f, max(threads)) for f in encoders if f.record.target == "executorch"],
+        profiles=[p for p in (encoder_profile(f, max(threads)) for f in encoders) if p is not None],
         delegation=[tflite_delegation(f) for f in files if f.record.target == "tflite"],
         gemm_rates=gemm_rates(timed_targets, threads, warmup, max(runs, 5)),
     )

@@ -112,7 +112,8 @@ def markdown(result: Benchmark) -> str:
             lines.append(f"| {runtime} | {precision} | " + " | ".join(cells.get(n, "-") for n in counts) + " |")
     lines += _grid_costs(result)
     for profile in result.profiles:
-        lines += ["", f"## Per-op profile: {Path(profile.file).name} ({profile.threads} threads, ETDump)", ""]
+        title = f"{Path(profile.file).name} ({profile.threads} threads, {profile.profiler})"
+        lines += ["", f"## Per-op profile: {title}", ""]
         if profile.error:
             lines.append(f"profile failed: {profile.error}")
             continue
@@ -120,7 +121,7 @@ def markdown(result: Benchmark) -> str:
         for op in profile.ops:
             by_kernel[op.kernel] = by_kernel.get(op.kernel, 0.0) + op.ms
         lines.append(
-            f"Method::execute {profile.total_ms:.1f} ms; by kernel: "
+            f"Whole call {profile.total_ms:.1f} ms; by kernel: "
             + ", ".join(f"{kernel} {ms:.1f} ms" for kernel, ms in sorted(by_kernel.items(), key=lambda kv: -kv[1]))
         )
         lines += ["", "| op | kernel | count | ms per run |", "|---|---|---|---|"]
@@ -135,16 +136,14 @@ def markdown(result: Benchmark) -> str:
 
 
 def _delegation(result: Benchmark) -> list[str]:
-    """TFLite files' ops by where they run: counted, not timed (LiteRT's Python interpreter has no
-    op profiler)."""
+    """Every TFLite file's ops by where they run, counted (the per-op profiles time the encoders)."""
     if not result.delegation:
         return []
     lines = [
         "",
         "## TFLite: ops XNNPACK takes",
         "",
-        "LiteRT's Python interpreter has no op profiler (its C++ `benchmark_model "
-        "--enable_op_profiling=true` times each op on a device), so the ops are counted by where they run.",
+        "Every file's ops counted by where they run (the per-op profiles above time the encoders' ops).",
         "",
         "| file | ops in XNNPACK | ops in LiteRT's reference kernels |",
         "|---|---|---|",

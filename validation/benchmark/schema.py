@@ -96,6 +96,7 @@ class OpProfile:
     total_ms: float
     ops: list[OpCost] = field(default_factory=list)
     error: str | None = None
+    profiler: str = "ETDump"  # or "LiteRT profiler"
 
 
 @dataclass

@@ -206,7 +206,7 @@ def short_tensor_names(model_content: bytes) -> bytes:
     """The model with its inner tensors named `t<index>`; the inputs' and outputs' names (and the
     signature, which names them by the contract) stay.
 
-    Why: litert-torch names every tensor by its module path ("mobile_targets.tflite_target.
+    Why: litert-torch names every tensor by its module path ("mobile_targets.tflite.converter.
     NamedInputsOutputs/pipeline.export_wrappers.ImageEncoderForExport_inner/..."): 0.45 MB of the
     fp16 encoder, which put it at 12.1 MB with a checkpoint's distinct weights (goal <= 12). Run
     last: the quantization recipes select layers by these names. The arithmetic is untouched
@@ -280,12 +280,15 @@ class TFLiteRunner(Runner):
         self.input_details = self.signature.get_input_details()
         self.output_details = self.signature.get_output_details()
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        arrays = {
+    def file_inputs(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The contract's float inputs in the file's dtypes (quantized where its inputs are int8)."""
+        return {
             name: to_file_dtype(array, self.input_details[name])
             for name, array in zip(self.contract.input_names, self.ordered_inputs(inputs), strict=True)
         }
-        outputs = self.signature(**arrays)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.signature(**self.file_inputs(inputs))
         return {name: to_float(outputs[name], self.output_details[name]) for name in self.contract.output_names}
 
 
