@@ -237,7 +237,7 @@ def load_interpreter_class() -> Any:
 def xnnpack_delegation(path: Path) -> tuple[dict[str, int], dict[str, int]]:
     """(ops XNNPACK takes, ops left to LiteRT's reference kernels), by op name, for one `.tflite`.
 
-    LiteRT's Python interpreter times no ops, so this names what falls outside the fast kernels:
+    Counted in the interpreter the runner uses, without running the file (`profiler` times them):
     with delegate node fusion off every delegated op becomes its own DELEGATE node, and an op is
     delegated when all of its outputs are some DELEGATE node's outputs.
     """

@@ -102,7 +102,7 @@ class OpProfile:
 @dataclass
 class DelegationCensus:
     """A TFLite file's ops by where LiteRT runs them: XNNPACK or its reference kernels (op name ->
-    count; LiteRT's Python interpreter has no op timer, so these are counted, not timed)."""
+    count), for every file; the encoders' ops are also timed (`OpProfile`)."""
 
     target: str
     precision: str
