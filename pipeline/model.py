@@ -11,11 +11,12 @@ import types
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from segment_anything import sam_model_registry
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.modeling.common import LayerNorm2d
 from timm.models.tiny_vit import Attention as TinyVitAttention
-from timm.models.tiny_vit import TinyVit
+from timm.models.tiny_vit import TinyVit, TinyVitBlock
 from torch import nn
 
 from pipeline.contract import EMBEDDING_SHAPE, IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
@@ -53,7 +54,7 @@ class MobileSamTinyViT(TinyVit):
             drop_path_rate=0.0,
         )
         self.img_size = IMAGE_SIZE  # SamPredictor reads image_encoder.img_size
-        _make_attention_export_friendly(self)
+        _make_export_friendly(self)
         last_downsample = self.stages[-1].downsample
         last_downsample.conv2.conv.stride = (1, 1)
         self.neck = nn.Sequential(
@@ -67,8 +68,8 @@ class MobileSamTinyViT(TinyVit):
         return self.neck(self.forward_features(x))
 
 
-def _make_attention_export_friendly(encoder: TinyVit) -> None:
-    """Two patches to timm's TinyVit Attention, each needed by a converter.
+def _make_export_friendly(encoder: TinyVit) -> None:
+    """Three patches to timm's TinyVit, each needed by a converter.
 
     1. Explicit attention (softmax(q k^T + bias) v) instead of F.scaled_dot_product_attention,
        as 3-D batched matmuls over (windows x heads) with q, k, v sliced out of one tensor
@@ -81,12 +82,44 @@ def _make_attention_export_friendly(encoder: TinyVit) -> None:
        from timm's eval-mode cache (which goes stale when weights change later, and which
        torch.export reports filling as a side effect).
     2. Keep the biases as the compact table in the converted files (`_gather_biases_at_run_time`).
+    3. Each block's local convolution hands its output back to the tokens in a form the
+       channels-last runtimes need no transposes for (`_block_with_channels_last_local_conv`).
     """
     for module in encoder.modules():
         if isinstance(module, TinyVitAttention):
             module.forward = types.MethodType(_attention_as_bmm, module)
             module.weighted_values = softmax_times_values  # a converter may swap in other arithmetic
             _register_separable_bias_index(module)
+        elif isinstance(module, TinyVitBlock):
+            module.forward = types.MethodType(_block_with_channels_last_local_conv, module)
+
+
+def _block_with_channels_last_local_conv(self: TinyVitBlock, x: torch.Tensor) -> torch.Tensor:
+    """timm's TinyVitBlock, the same arithmetic (outputs bit-identical), with the local
+    convolution's output put back as tokens by `permute(0, 2, 3, 1)` then a reshape, where timm
+    reshapes to (B, C, H * W) and then transposes.
+
+    Why: XNNPACK runs the convolution channels-last, so the converters add a transpose back to
+    channels-first after it; the permute cancels that one, where timm's reshape in between kept
+    it and added a second (20 transposes per TFLite encoder, a third of their time). The window
+    partition, attention and reverse are timm's (a window-sized input goes through the same
+    partition, into one window).
+    """
+    batch, height, width, channels = x.shape
+    size = self.window_size
+    pad_bottom, pad_right = (size - height % size) % size, (size - width % size) % size
+    windows = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom)) if pad_bottom or pad_right else x
+    rows, columns = (height + pad_bottom) // size, (width + pad_right) // size
+    windows = windows.view(batch, rows, size, columns, size, channels).transpose(2, 3)
+    attended = self.attn(windows.reshape(batch * rows * columns, size * size, channels))
+    attended = attended.view(batch, rows, columns, size, size, channels).transpose(2, 3)
+    attended = attended.reshape(batch, rows * size, columns * size, channels)
+    if pad_bottom or pad_right:
+        attended = attended[:, :height, :width]
+    x = x + self.drop_path1(attended)
+    tokens = self.local_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+    tokens = tokens + self.drop_path2(self.mlp(tokens))
+    return tokens.view(batch, height, width, channels)
 
 
 def _register_separable_bias_index(module: TinyVitAttention) -> None:

@@ -338,11 +338,11 @@ def test_tflite_w8a8_attention_is_full_integer(tmp_path):
     from mobile_targets.base import PartToConvert
     from mobile_targets.tflite.converter import attention_exp_as_sigmoids
     from pipeline.contract import PartContract, TensorSpec
-    from pipeline.model import _make_attention_export_friendly
+    from pipeline.model import _make_export_friendly
 
     torch.manual_seed(0)
     block = torch.nn.Sequential(Attention(64, key_dim=16, num_heads=4, attn_ratio=1, resolution=(7, 7))).eval()
-    _make_attention_export_friendly(block)
+    _make_export_friendly(block)
     with torch.no_grad():
         block[0].attention_biases.normal_(std=0.5)
     shape = (4, 49, 64)
