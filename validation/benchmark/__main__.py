@@ -4,8 +4,9 @@ Every artifact under DIR in its desktop runtime at 1 and 2 threads (warm median 
 own self-test inputs: a real photo, real prompts), against PyTorch eager, ONNX Runtime and the
 compute floor (encoder FLOPs over the measured fp32 and int8 matmul rates); peak memory and size;
 the decoder's latency against the number of points N (decoders converted at each N); and a
-per-op profile of each ExecuTorch encoder from its ETDump, naming the ops outside XNNPACK's fast
-kernels. Writes DIR/benchmark.json, DIR/benchmark.md and DIR/benchmark.png. Ratios, not pass/fail.
+per-op profile of each ExecuTorch and TFLite encoder (ETDump; LiteRT's profiler), naming the ops
+outside XNNPACK's fast kernels. Writes DIR/benchmark.json, DIR/benchmark.md and DIR/benchmark.png.
+Ratios, not pass/fail.
 """
 
 from __future__ import annotations

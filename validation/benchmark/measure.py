@@ -1,5 +1,5 @@
 """The measurements behind `python -m validation.benchmark`: every file, the baselines, the
-compute floor, the decoder's point sweep and the ExecuTorch per-op profile."""
+compute floor, the decoder's point sweep and the encoders' per-op profiles (ExecuTorch, TFLite)."""
 
 from __future__ import annotations
 
