@@ -132,7 +132,8 @@ def selftest(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def benchmark(session: nox.Session) -> None:
     """Latency (1 and 2 threads), memory and size of every file under --out, in ratios to PyTorch
-    eager, ONNX Runtime and the compute floor; decoder latency against N; ExecuTorch per-op profile.
+    eager, ONNX Runtime and the compute floor; decoder latency against N; per-op profiles of the
+    ExecuTorch and TFLite encoders.
 
     Options after `--`: --out DIR (default artifacts), --threads 1 2, --runs R, --warmup W,
     --points 3 5 16 (decoders converted at each N under DIR/benchmark_points; none to skip),
