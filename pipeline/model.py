@@ -101,10 +101,9 @@ def _block_with_channels_last_local_conv(self: TinyVitBlock, x: torch.Tensor) ->
 
     Why: XNNPACK runs the convolution channels-last, so the converters add a transpose back to
     channels-first after it; the permute cancels that one, where timm's reshape in between kept
-    it and added a second (20 transposes per TFLite encoder, a third of their time). The window
-    partition, attention and reverse are timm's (a window-sized input goes through the same
-    partition, into one window).
-    """
+    it and added a second (README, "Benchmark", has what it saves). The window partition,
+    attention and reverse are timm's (a window-sized input goes through the same partition, into
+    one window)."""
     batch, height, width, channels = x.shape
     size = self.window_size
     pad_bottom, pad_right = (size - height % size) % size, (size - width % size) % size

@@ -96,6 +96,27 @@ def test_bias_tables_gathered_at_run_time_are_timms(our_model):
         assert torch.equal(_gather_biases_at_run_time(attention, activations), expected)
 
 
+def test_blocks_with_channels_last_local_conv_are_timms(our_model):
+    """Every TinyViT block's patched forward gives timm's block's answer bit for bit: on the
+    inputs it sees in the encoder (all padded to whole windows) and on unpadded ones, one window
+    and several."""
+    from timm.models.tiny_vit import TinyVitBlock
+
+    encoder = our_model.image_encoder
+    blocks = [m for m in encoder.modules() if isinstance(m, TinyVitBlock)]
+    assert len(blocks) == 10
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [b.register_forward_pre_hook(lambda m, args: seen.setdefault(id(m), args[0])) for b in blocks]
+    with torch.no_grad():
+        encoder(torch.randn(1, 3, 1024, 1024))
+        for hook in hooks:
+            hook.remove()
+        for block in blocks:
+            size, channels = block.window_size, seen[id(block)].shape[-1]
+            for x in (seen[id(block)], torch.randn(1, size, size, channels), torch.randn(2, 2 * size, size, channels)):
+                assert torch.equal(block(x), TinyVitBlock.forward(block, x))
+
+
 def test_image_positional_encoding_built_in_the_graph_is_segment_anythings(our_model):
     from pipeline.export_wrappers import image_pe_axis_points, image_pe_tokens_at_run_time
 
