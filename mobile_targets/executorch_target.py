@@ -281,9 +281,16 @@ class ExecuTorchRunner(Runner):
             raise ArtifactError(f"{self.path} has no 'forward' method")
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs the program without the pybindings' output clone and copies the outputs with numpy.
+
+        `Method.execute` clones every output with torch's parallel `aten::clone`; that wakes
+        libgomp's OpenMP workers, whose spin-wait then takes a core from XNNPACK's threadpool on
+        the next call, so two threads timed barely faster than one. An app's C++ runtime has no
+        such clone. The outputs alias the program's buffers until the next call, hence the copy.
+        """
         tensors = [torch.from_numpy(x) for x in self.ordered_inputs(inputs)]
-        outputs = self.method.execute(tensors)
-        return {name: out.numpy() for name, out in zip(self.contract.output_names, outputs, strict=True)}
+        outputs = self.method._method(tensors, clone_outputs=False)
+        return {name: out.numpy().copy() for name, out in zip(self.contract.output_names, outputs, strict=True)}
 
 
 def check_pte_header(path: Path) -> None:

@@ -169,6 +169,30 @@ def test_corrupt_and_truncated_files_fail_with_one_line(converted, tmp_path):
         assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
+def test_outputs_are_the_callers_and_survive_the_next_call(converted):
+    """The ExecuTorch runner skips the pybindings' clone (see ExecuTorchRunner.run): what one call
+    returns must stay as it was after the next call, and equal a fresh run of the same inputs."""
+    manifest_path, manifest = converted
+    decoder = _load(manifest_path, manifest, "prompt_decoder", "fp32")
+    rng = np.random.default_rng(0)
+
+    def random_inputs() -> dict[str, np.ndarray]:
+        inputs = {s.name: rng.standard_normal(s.shape).astype(np.float32) for s in decoder.contract.inputs}
+        inputs["point_coords"] = rng.uniform(0, 1024, inputs["point_coords"].shape).astype(np.float32)
+        inputs["point_labels"] = np.ones_like(inputs["point_labels"])
+        inputs["has_mask_input"] = np.zeros_like(inputs["has_mask_input"])
+        return inputs
+
+    first_inputs, second_inputs = random_inputs(), random_inputs()
+    first = decoder.run(first_inputs)
+    kept = {name: value.copy() for name, value in first.items()}
+    second = decoder.run(second_inputs)
+    for name, value in first.items():
+        np.testing.assert_array_equal(value, kept[name])
+        assert not np.array_equal(value, second[name]), name
+        np.testing.assert_array_equal(decoder.run(first_inputs)[name], kept[name])
+
+
 def test_refinement_in_the_runtime_matches_sam_predictor(converted, our_model, photos):
     """The fp32 decoder file, given SamPredictor's previous low-res mask (has_mask_input = 1),
     gives SamPredictor's refined mask in the target's own runtime."""
