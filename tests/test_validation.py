@@ -48,7 +48,8 @@ def teacher_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def validated(tmp_path_factory, tflite_converted, photos, teacher_checkpoint):
     """Validate on a copy of the session's TFLite files (the checkpoint's weights, B = 4) as if
-    converted with --precisions fp32 int8, one of them broken after conversion."""
+    converted with --precisions fp32 int8, one of them broken after conversion; also torch's
+    thread count right after the run."""
     out = tmp_path_factory.mktemp("validate")
     shutil.copytree(tflite_converted.parent, out / "tflite")
     keep_only_precisions(out / "tflite" / "manifest.json", ("fp32", "int8"))
@@ -57,13 +58,26 @@ def validated(tmp_path_factory, tflite_converted, photos, teacher_checkpoint):
         max_images=2, instances_per_image=2, latency_runs=3, warmup_runs=1, everything_points_per_side=4
     )
     masks: dict = {}
-    report = validate_run(out, photos, settings, None, masks, teacher=TeacherSpec(teacher_checkpoint, "vit_b"))
+    callers_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # not the run's 2: validate must hand the caller's count back
+    try:
+        report = validate_run(out, photos, settings, None, masks, teacher=TeacherSpec(teacher_checkpoint, "vit_b"))
+        threads_after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(callers_threads)
     write_html(report, photos, masks, out / "report.html")
-    return report, masks, out
+    return report, masks, out, threads_after
+
+
+def test_validate_hands_torch_threads_back(validated):
+    """torch's thread count is process-wide: left at validate's, later PyTorch results in the same
+    process (a self-test vector's expected values) change in the last bits."""
+    report, _, _, threads_after = validated
+    assert report.settings["threads"] == 2 and threads_after == 1
 
 
 def test_report_scores_every_artifact_and_isolates_the_broken_one(validated):
-    report, masks, out = validated
+    report, masks, out, _ = validated
     (run,) = report.runs
     assert not run.random_weights
     by_name = {(a.part, a.precision): a for a in run.artifacts}
@@ -103,7 +117,7 @@ def test_report_scores_every_artifact_and_isolates_the_broken_one(validated):
 def test_pairs_run_every_encoder_into_every_decoder(validated):
     """End to end from the photo: fp32 into fp32 is PyTorch's answer; a pair with the broken
     decoder is one line; report.json lists every pair naming both files."""
-    report, _, _ = validated
+    report, _, _, _ = validated
     pairs = {(p.encoder_precision, p.decoder_precision): p for p in report.pairs}
     assert set(pairs) == {("fp32", "fp32"), ("fp32", "int8"), ("int8", "fp32"), ("int8", "int8")}
     exact = pairs["fp32", "fp32"]
@@ -124,7 +138,7 @@ def test_pairs_run_every_encoder_into_every_decoder(validated):
 
 
 def test_teacher_scores_the_student_and_every_pair(validated):
-    report, _, _ = validated
+    report, _, _, _ = validated
     (run,) = report.runs
     assert report.teacher.startswith("SAM vit_b, checkpoint sam_vit_b.pth")
     assert set(run.teacher) == set(PROMPT_KINDS)
@@ -185,7 +199,7 @@ def test_segment_everything_section_gates_fp32(validated):
     reproduce it (gated), int8 is reported; the section is in the HTML report."""
     from validation.everything import THRESHOLDS
 
-    report, _, out = validated
+    report, _, out, _ = validated
     by = {(e.decoder_precision, e.thresholds): e for e in report.everything}
     assert set(by) == {(p, t) for p in ("fp32", "int8") for t in THRESHOLDS}
     for thresholds in THRESHOLDS:

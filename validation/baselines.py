@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.threads import torch_threads
 from validation.schema import Latency
 
 log = logging.getLogger(__name__)
@@ -86,21 +87,21 @@ def resident_memory_mb() -> dict[str, float] | None:
 def matmul_gflops(threads: int, size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
     """The best GEMM rate torch reaches here, the machine's practical compute ceiling: fp32
     (`torch.mm`) or int8 (`torch._int_mm`, int32 accumulation), in G(FL)OP/s."""
-    torch.set_num_threads(threads)
-    if dtype == torch.int8:
-        a = torch.randint(-128, 127, (size, size), dtype=torch.int8)
-        b = torch.randint(-128, 127, (size, size), dtype=torch.int8)
-        multiply = torch._int_mm
-    else:
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        multiply = torch.mm
-    multiply(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    with torch_threads(threads):
+        if dtype == torch.int8:
+            a = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+            b = torch.randint(-128, 127, (size, size), dtype=torch.int8)
+            multiply = torch._int_mm
+        else:
+            a, b = torch.randn(size, size), torch.randn(size, size)
+            multiply = torch.mm
         multiply(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            multiply(a, b)
+            best = min(best, time.perf_counter() - start)
+        return 2 * size**3 / best / 1e9
 
 
 def count_gflops(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:

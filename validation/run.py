@@ -33,6 +33,7 @@ from pipeline.datasets import Photos
 from pipeline.errors import PipelineError, one_line
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
 from pipeline.predictor import BatchedDecoder, NamedRunner, ReferencePredictor, stack_prompts
+from pipeline.threads import torch_threads
 from validation.baselines import (
     compute_floor,
     onnx_runtime_latency,
@@ -262,75 +263,77 @@ def validate_run(
         )
     for image_id in photos.image_ids()[: settings.max_images]:
         photos.image(image_id)  # a photo that cannot be read is the whole stage's bad input: one line, exit 2
-    torch.set_num_threads(settings.threads)
-    gates = gates or DEFAULT_GATES
-    teacher_predictor = None
-    if teacher is not None:  # bad teacher input is the whole stage's: one line, exit 2
-        teacher_sam, teacher_source = load_model(teacher.model_type, teacher.checkpoint)
-        teacher_predictor = ReferencePredictor(teacher_sam)
-    report = Report(
-        settings=asdict(settings),
-        photos=photos.describe(),
-        ground_truth=photos.has_ground_truth,
-        gates={precision: asdict(gate) for precision, gate in gates.items()},
-        teacher=None if teacher is None else f"SAM {teacher.model_type}, {teacher_source.describe()}",
-    )
-    reference_runs: dict[str, tuple] = {}
-    for manifest_path in manifests:
-        run = RunResult(manifest=str(manifest_path), target=manifest_path.parent.name)
-        try:
-            manifest = read_manifest(manifest_path)
-            run.target = manifest.target
-            target = get_target(manifest.target)  # an unknown target name is this run's error
-            model_type, weights_path, seed = reference_weights(manifest, checkpoint)
-            key = json.dumps([model_type, manifest.weights.get("sha256"), seed, manifest.config["num_points"]])
-            if key not in reference_runs:  # targets converted from the same weights share one reference
-                sam, source = load_model(model_type, weights_path, seed)
-                predictor = ReferencePredictor(sam, num_points=manifest.config["num_points"])
-                if teacher_predictor is not None:
-                    teacher_predictor.num_points = predictor.num_points
-                references = build_reference(predictor, photos, settings, teacher_predictor)
-                if not any(ref.cases for ref in references):
-                    raise PipelineError(f"no prompts could be made from {photos.describe()}")
-                baselines = (
-                    baseline_latencies(predictor, timed_reference(references), settings)
-                    if settings.baselines
-                    else Baselines()
-                )
-                reference_runs[key] = (source, references, baselines, sam, {})
-        except Exception as error:  # this run's error; the other targets are still validated
-            run.error = str(error) if isinstance(error, PipelineError) else one_line(error)
-            report.runs.append(run)
-            continue
-        source, references, run.baselines, sam, everything_reference = reference_runs[key]
-        run.runtime = target.runtime_name
-        run.weights = source.describe()
-        run.random_weights = source.is_random
-        run.conversion_failures = [asdict(failure) for failure in manifest.failures]
-        run.not_made = [asdict(item) for item in manifest.not_made]
-        run.prompt_cases = [asdict(c.case) for ref in references for c in ref.cases]
-        run.teacher = pytorch_against_teacher(references)
-        if overlays is not None:
-            overlays[f"{manifest.target} pytorch"] = {
-                ref.image_id: drawn.expected.mask
-                for ref in references[:OVERLAY_IMAGES]
-                if (drawn := overlay_case(ref)) is not None
-            }
-        loaded = []
-        for record in tqdm(manifest.artifacts, desc=f"{manifest.target} artifacts", unit="file"):
-            sink = None
-            if overlays is not None and record.part == "prompt_decoder":
-                sink = overlays.setdefault(f"{record.target} {record.part} {record.precision}", {})
-            artifact = validate_artifact(manifest_path, manifest, record, references, settings, sink)
-            gate = gates.get(record.precision)
-            failures = gate_failures(artifact.result, gate) if gate else [f"no gate for precision {record.precision!r}"]
-            artifact.result.gate = GateResult(not failures, tuple(failures))
-            run.artifacts.append(artifact.result)
-            loaded.append(artifact)
-        known = [a for a in loaded if a.record.precision in gates]
-        report.pairs += validate_pairs(manifest.target, known, references, gates)
-        report.everything += validate_everything(
-            manifest, loaded, references, photos, sam, everything_reference, settings
+    with torch_threads(settings.threads):  # restored after: later PyTorch results in this process stay the same
+        gates = gates or DEFAULT_GATES
+        teacher_predictor = None
+        if teacher is not None:  # bad teacher input is the whole stage's: one line, exit 2
+            teacher_sam, teacher_source = load_model(teacher.model_type, teacher.checkpoint)
+            teacher_predictor = ReferencePredictor(teacher_sam)
+        report = Report(
+            settings=asdict(settings),
+            photos=photos.describe(),
+            ground_truth=photos.has_ground_truth,
+            gates={precision: asdict(gate) for precision, gate in gates.items()},
+            teacher=None if teacher is None else f"SAM {teacher.model_type}, {teacher_source.describe()}",
         )
-        report.runs.append(run)
-    return report
+        reference_runs: dict[str, tuple] = {}
+        for manifest_path in manifests:
+            run = RunResult(manifest=str(manifest_path), target=manifest_path.parent.name)
+            try:
+                manifest = read_manifest(manifest_path)
+                run.target = manifest.target
+                target = get_target(manifest.target)  # an unknown target name is this run's error
+                model_type, weights_path, seed = reference_weights(manifest, checkpoint)
+                key = json.dumps([model_type, manifest.weights.get("sha256"), seed, manifest.config["num_points"]])
+                if key not in reference_runs:  # targets converted from the same weights share one reference
+                    sam, source = load_model(model_type, weights_path, seed)
+                    predictor = ReferencePredictor(sam, num_points=manifest.config["num_points"])
+                    if teacher_predictor is not None:
+                        teacher_predictor.num_points = predictor.num_points
+                    references = build_reference(predictor, photos, settings, teacher_predictor)
+                    if not any(ref.cases for ref in references):
+                        raise PipelineError(f"no prompts could be made from {photos.describe()}")
+                    baselines = (
+                        baseline_latencies(predictor, timed_reference(references), settings)
+                        if settings.baselines
+                        else Baselines()
+                    )
+                    reference_runs[key] = (source, references, baselines, sam, {})
+            except Exception as error:  # this run's error; the other targets are still validated
+                run.error = str(error) if isinstance(error, PipelineError) else one_line(error)
+                report.runs.append(run)
+                continue
+            source, references, run.baselines, sam, everything_reference = reference_runs[key]
+            run.runtime = target.runtime_name
+            run.weights = source.describe()
+            run.random_weights = source.is_random
+            run.conversion_failures = [asdict(failure) for failure in manifest.failures]
+            run.not_made = [asdict(item) for item in manifest.not_made]
+            run.prompt_cases = [asdict(c.case) for ref in references for c in ref.cases]
+            run.teacher = pytorch_against_teacher(references)
+            if overlays is not None:
+                overlays[f"{manifest.target} pytorch"] = {
+                    ref.image_id: drawn.expected.mask
+                    for ref in references[:OVERLAY_IMAGES]
+                    if (drawn := overlay_case(ref)) is not None
+                }
+            loaded = []
+            for record in tqdm(manifest.artifacts, desc=f"{manifest.target} artifacts", unit="file"):
+                sink = None
+                if overlays is not None and record.part == "prompt_decoder":
+                    sink = overlays.setdefault(f"{record.target} {record.part} {record.precision}", {})
+                artifact = validate_artifact(manifest_path, manifest, record, references, settings, sink)
+                gate = gates.get(record.precision)
+                failures = (
+                    gate_failures(artifact.result, gate) if gate else [f"no gate for precision {record.precision!r}"]
+                )
+                artifact.result.gate = GateResult(not failures, tuple(failures))
+                run.artifacts.append(artifact.result)
+                loaded.append(artifact)
+            known = [a for a in loaded if a.record.precision in gates]
+            report.pairs += validate_pairs(manifest.target, known, references, gates)
+            report.everything += validate_everything(
+                manifest, loaded, references, photos, sam, everything_reference, settings
+            )
+            report.runs.append(run)
+        return report

@@ -43,6 +43,7 @@ from pipeline.contract import (
     PartContract,
 )
 from pipeline.errors import ArtifactError, ConfigError, PipelineError
+from pipeline.threads import torch_threads
 
 DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
 ENCODER_INPUTS = ("tensor", "image")
@@ -309,13 +310,8 @@ class EmulatedCoreMLRunner(Runner):
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         arrays = dict(zip(self.contract.input_names, self.ordered_inputs(inputs), strict=True))
-        previous = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        try:
+        with torch_threads(self.threads):
             outputs = self.program.run(arrays, self.mode)
-        finally:
-            torch.set_num_threads(previous)
         return {
             name: np.asarray(outputs[program_name], dtype=np.float32)
             for name, program_name in zip(self.contract.output_names, self.output_names, strict=True)

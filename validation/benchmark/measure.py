@@ -27,6 +27,7 @@ from pipeline.errors import PipelineError, one_line
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
 from pipeline.predictor import ReferencePredictor
 from pipeline.selftest import read_vectors
+from pipeline.threads import torch_threads
 from validation.baselines import (
     count_gflops,
     matmul_gflops,
@@ -145,26 +146,26 @@ def baselines(
     feeds = {"image_encoder": encoder_inputs, "prompt_decoder": decoder_inputs}
     results = {(runtime, part): Baseline(runtime, part) for runtime in ("pytorch", "onnxruntime") for part in modules}
     for count in threads:
-        torch.set_num_threads(count)
-        for part, module in modules.items():
-            contract = contract_for(part, reference.num_points)
-            args = tuple(torch.from_numpy(feeds[part][name]) for name in contract.input_names)
-            with torch.inference_mode():
-                timing = time_call(lambda module=module, args=args: module(*args), count, warmup, runs)
-            results["pytorch", part].timings.append(timing)
-        onnx_parts = {
-            part: (module, contract_for(part, reference.num_points).input_names,
-                   contract_for(part, reference.num_points).output_names, feeds[part])
-            for part, module in modules.items()
-        }  # fmt: skip
-        timed = onnx_runtime_latency(
-            onnx_parts, count, lambda run, count=count: asdict(time_call(run, count, warmup, runs))
-        )
-        for part, value in timed.items():
-            if "median_s" in value:
-                results["onnxruntime", part].timings.append(Timing(**value))
-            else:
-                results["onnxruntime", part].error = value.get("error", "failed")
+        with torch_threads(count):
+            for part, module in modules.items():
+                contract = contract_for(part, reference.num_points)
+                args = tuple(torch.from_numpy(feeds[part][name]) for name in contract.input_names)
+                with torch.inference_mode():
+                    timing = time_call(lambda module=module, args=args: module(*args), count, warmup, runs)
+                results["pytorch", part].timings.append(timing)
+            onnx_parts = {
+                part: (module, contract_for(part, reference.num_points).input_names,
+                       contract_for(part, reference.num_points).output_names, feeds[part])
+                for part, module in modules.items()
+            }  # fmt: skip
+            timed = onnx_runtime_latency(
+                onnx_parts, count, lambda run, count=count: asdict(time_call(run, count, warmup, runs))
+            )
+            for part, value in timed.items():
+                if "median_s" in value:
+                    results["onnxruntime", part].timings.append(Timing(**value))
+                else:
+                    results["onnxruntime", part].error = value.get("error", "failed")
     return list(results.values())
 
 
@@ -188,29 +189,33 @@ def point_sweep(
     PyTorch too."""
     if not points or not decoders:
         return []
-    torch.set_num_threads(threads)
     sweep = []
-    for count in points:
-        config = replace(RunConfig(), num_points=count, model_type=model_type, batch_prompts=0)
-        _, decoder = build_parts(config, sam, CocoPhotos.sample("calibration"))
-        with torch.inference_mode():
-            timing = time_call(lambda decoder=decoder: decoder.module(*decoder.example_inputs), threads, warmup, runs)
-        sweep.append(SweepPoint("pytorch", "fp32", count, timing))
-        named = {name: t.numpy() for name, t in zip(decoder.contract.input_names, decoder.example_inputs, strict=True)}
-        expected = pytorch_outputs(decoder)
-        for item in decoders:
-            record = item.record
-            path = out / SWEEP_FOLDER / f"N{count}" / record.target / Path(record.file).name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                options = item.manifest.config.get("target_options", {}).get(record.target, {})
-                target = get_target(record.target).with_options(options)
-                convert_one(target, decoder, record.precision, path, expected)
-                runner = target.load_runner(path, decoder.contract, threads=threads)
-                timing = time_call(lambda runner=runner, named=named: runner.run(named), threads, warmup, runs)
-                sweep.append(SweepPoint(record.target, record.precision, count, timing))
-            except Exception as error:
-                sweep.append(SweepPoint(record.target, record.precision, count, None, one_line(error)))
+    with torch_threads(threads):
+        for count in points:
+            config = replace(RunConfig(), num_points=count, model_type=model_type, batch_prompts=0)
+            _, decoder = build_parts(config, sam, CocoPhotos.sample("calibration"))
+            with torch.inference_mode():
+                timing = time_call(
+                    lambda decoder=decoder: decoder.module(*decoder.example_inputs), threads, warmup, runs
+                )
+            sweep.append(SweepPoint("pytorch", "fp32", count, timing))
+            named = {
+                name: t.numpy() for name, t in zip(decoder.contract.input_names, decoder.example_inputs, strict=True)
+            }
+            expected = pytorch_outputs(decoder)
+            for item in decoders:
+                record = item.record
+                path = out / SWEEP_FOLDER / f"N{count}" / record.target / Path(record.file).name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    options = item.manifest.config.get("target_options", {}).get(record.target, {})
+                    target = get_target(record.target).with_options(options)
+                    convert_one(target, decoder, record.precision, path, expected)
+                    runner = target.load_runner(path, decoder.contract, threads=threads)
+                    timing = time_call(lambda runner=runner, named=named: runner.run(named), threads, warmup, runs)
+                    sweep.append(SweepPoint(record.target, record.precision, count, timing))
+                except Exception as error:
+                    sweep.append(SweepPoint(record.target, record.precision, count, None, one_line(error)))
     return sweep
 
 
