@@ -2,7 +2,8 @@
 
 fp32: litert_torch.convert with the contract's names as keyword inputs and dict outputs, so
 an Android developer sees `image`, `point_coords`, ... and `low_res_masks`, not `args_0`.
-fp16: ai-edge-quantizer weight-only float casting (fp16 weights, fp32 compute).
+fp16: ai-edge-quantizer weight-only float casting (fp16 weights); the encoder also asks XNNPACK
+for fp16 arithmetic (`arithmetic`), which phones run it in, with GELU in its tanh form.
 int8: ai-edge-quantizer; fully connected layers and the large convolutions compute in int8 with
 activations quantized on the fly, the others keep fp32 compute (`int8_recipe` says which and why).
 w8a8 (on request): full-integer static int8, every op on int8 tensors with ranges calibrated by
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from timm.models.tiny_vit import Attention as TinyVitAttention
 
 from mobile_targets.base import PartToConvert, Runner, Target, replace_options
+from mobile_targets.tflite.arithmetic import ForcedFp16Signature, declared_arithmetic, mark_fp16_arithmetic
 from pipeline.config import parse_bool
 from pipeline.contract import ENCODER, PartContract
 from pipeline.errors import ArtifactError, PipelineError
@@ -36,6 +38,8 @@ QUANTIZATION = {
     "int8": "int8 fully connected, MBConv 1x1 and neck convolutions (dynamic range), fp16 other convolutions",
     "w8a8": "full-integer static int8 (weights and activations), calibrated on real photos",
 }
+FP16_ARITHMETIC_QUANTIZATION = "fp16 weights, fp16 arithmetic where XNNPACK computes fp16 natively (tanh GELU)"
+"""The fp16 encoder's scheme (`computes_in_fp16`)."""
 TFLITE_IDENTIFIER = b"TFL3"
 
 
@@ -126,6 +130,30 @@ class TFLiteOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "integer_io", parse_bool(self.integer_io, "tflite option integer_io"))
+
+
+def gelu_as_tanh_approximation(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` whose GELUs use the tanh approximation (at most 5e-4 from the exact one,
+    under fp16's resolution).
+
+    Why: in fp16 arithmetic the XNNPACK that LiteRT ships has a vectorized kernel for the tanh
+    GELU only; its exact GELU falls back to scalar code, which took most of the fp16 encoder's
+    call (README, "TFLite target"). The tanh form runs at memory speed."""
+    patched = copy.deepcopy(module)
+    for parent in list(patched.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.GELU) and child.approximate == "none":
+                setattr(parent, name, torch.nn.GELU(approximate="tanh"))
+    return patched
+
+
+def computes_in_fp16(part: PartToConvert, precision: str) -> bool:
+    """The fp16 encoder asks for fp16 arithmetic; the decoder keeps fp32 arithmetic.
+
+    Why not the decoder: forced to fp16, its masks fell under the fp16 gate's mask IoU against
+    PyTorch on the self-test prompts for little time saved, while the encoder, which takes most of
+    the time, stays far above its gate (README, "TFLite target")."""
+    return precision == "fp16" and part.name == ENCODER
 
 
 def attention_exp_as_sigmoids(module: torch.nn.Module) -> torch.nn.Module:
@@ -256,7 +284,9 @@ def xnnpack_delegation(path: Path) -> tuple[dict[str, int], dict[str, int]]:
 
 
 class TFLiteRunner(Runner):
-    """A `.tflite` in the LiteRT interpreter (XNNPACK delegate by default), called by signature."""
+    """A `.tflite` in the LiteRT interpreter (XNNPACK delegate by default), called by signature; a
+    file that asks for fp16 arithmetic runs in LiteRT's CompiledModel with XNNPACK forced to fp16,
+    as a phone runs it (`arithmetic` module)."""
 
     def __init__(self, path: Path, contract: PartContract, threads: int | None = None) -> None:
         super().__init__(path, contract)
@@ -266,9 +296,13 @@ class TFLiteRunner(Runner):
             identifier = handle.read(8)[4:8]
         if identifier != TFLITE_IDENTIFIER:
             raise ArtifactError(f"{self.path} is not a TFLite model (file identifier {identifier!r}, expected b'TFL3')")
+        self.arithmetic = declared_arithmetic(self.path)
         try:
-            interpreter = load_interpreter_class()(model_path=str(self.path), num_threads=threads or 1)
-            self.signature = interpreter.get_signature_runner(SIGNATURE)
+            if self.arithmetic == "fp16":
+                self.signature = ForcedFp16Signature(self.path, threads or 1)
+            else:
+                interpreter = load_interpreter_class()(model_path=str(self.path), num_threads=threads or 1)
+                self.signature = interpreter.get_signature_runner(SIGNATURE)
         except (RuntimeError, ValueError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ArtifactError(f"{self.path} is not a loadable TFLite model: {first}") from None
@@ -315,7 +349,7 @@ class TFLiteTarget(Target):
     name = "tflite"
     extension = ".tflite"
     precisions = ("fp32", "fp16", "int8", "w8a8")
-    runtime_name = "ai_edge_litert.interpreter (XNNPACK)"
+    runtime_name = "ai_edge_litert Interpreter (XNNPACK); fp16-arithmetic files: CompiledModel, XNNPACK forced to fp16"
 
     def __init__(self, options: TFLiteOptions | None = None) -> None:
         self.options = options or TFLiteOptions()
@@ -328,7 +362,11 @@ class TFLiteTarget(Target):
 
         if precision not in self.precisions:
             raise PipelineError(f"tflite does not support precision {precision!r}")
-        module = attention_exp_as_sigmoids(part.module) if precision == "w8a8" else part.module
+        module = part.module
+        if precision == "w8a8":
+            module = attention_exp_as_sigmoids(module)
+        elif computes_in_fp16(part, precision):
+            module = gelu_as_tanh_approximation(module)
         named = NamedInputsOutputs(module, part.contract).eval()
         sample = dict(zip(part.contract.input_names, part.example_inputs, strict=True))
         model = litert_torch.convert(named, sample_args=(), sample_kwargs=sample)
@@ -340,7 +378,12 @@ class TFLiteTarget(Target):
             details["io"] = "int8" if integer_io else "float32"
         elif precision != "fp32":
             data = _quantize(data, precision)
-        path.write_bytes(short_tensor_names(data))
+        data = short_tensor_names(data)
+        if computes_in_fp16(part, precision):
+            data = mark_fp16_arithmetic(data)
+            details["quantization"] = FP16_ARITHMETIC_QUANTIZATION
+            details["arithmetic"] = "fp16"
+        path.write_bytes(data)
         return details
 
     def load_runner(self, path: Path, contract: PartContract, threads: int | None = None) -> Runner:

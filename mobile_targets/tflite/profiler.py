@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mobile_targets.tflite.arithmetic import XNNPACK_FLAGS_FP16, declared_arithmetic
 from pipeline.errors import ArtifactError, PipelineError
 
 HW_ACCELERATOR_CPU = 1  # kLiteRtHwAcceleratorCpu
@@ -109,8 +110,12 @@ _KEEP_PAYLOAD = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda payload: None)
 @contextmanager
 def _compiled_model(api: _Api, path: Path, threads: int) -> Iterator[tuple[ctypes.c_void_p, ...]]:
     """(environment, model, compiled model) on the CPU accelerator (XNNPACK with `threads`
-    threads) with profiling on; everything destroyed on exit."""
+    threads, forced to fp16 for a file that asks for fp16 arithmetic, as the runner runs it) with
+    profiling on; everything destroyed on exit."""
     handles: list[tuple[str, ctypes.c_void_p]] = []
+    xnnpack = f"num_threads = {threads}\n"
+    if declared_arithmetic(path) == "fp16":
+        xnnpack += f"flags = {XNNPACK_FLAGS_FP16}\n"
 
     def handle(destroy: str) -> ctypes.c_void_p:
         pointer = ctypes.c_void_p()
@@ -119,7 +124,7 @@ def _compiled_model(api: _Api, path: Path, threads: int) -> Iterator[tuple[ctype
 
     payloads = [
         (b"runtime_options_string", ctypes.create_string_buffer(b"enable_profiling = true\n")),
-        (b"xnnpack", ctypes.create_string_buffer(f"num_threads = {threads}\n".encode())),
+        (b"xnnpack", ctypes.create_string_buffer(xnnpack.encode())),
     ]
     try:
         environment = handle("LiteRtDestroyEnvironment")

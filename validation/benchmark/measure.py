@@ -111,6 +111,7 @@ def benchmark_artifact(item: FileUnderTest, threads: list[int], warmup: int, run
     record = item.record
     runtime = get_target(record.target).runtime_name
     result = ArtifactBenchmark(record.target, record.part, record.precision, str(item.path), record.bytes, runtime)
+    result.arithmetic = record.details.get("arithmetic")
     result.not_timed = get_target(record.target).emulation_note()
     if record.part in DECODER_PARTS:
         result.prompts_per_call = prompts_per_call(item.manifest.contract(record.part))

@@ -82,7 +82,8 @@ def markdown(result: Benchmark) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for artifact in result.artifacts:
-        head = f"| {_file_name(artifact)} | {artifact.target} | {artifact.precision} | {artifact.bytes / 1e6:.1f}"
+        precision = artifact.precision + (f" ({artifact.arithmetic} arithmetic)" if artifact.arithmetic else "")
+        head = f"| {_file_name(artifact)} | {artifact.target} | {precision} | {artifact.bytes / 1e6:.1f}"
         if artifact.error or artifact.not_timed:
             lines.append(f"{head} | - | {artifact.error or artifact.not_timed} | | | | | | |")
             continue

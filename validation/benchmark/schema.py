@@ -66,6 +66,9 @@ class ArtifactBenchmark:
     not_timed: str | None = None
     prompts_per_call: int = 1
     """B of a batched decoder file (1 for every other file)."""
+    arithmetic: str | None = None
+    """The arithmetic the file asks its runtime for when it is not its weights' precision (a
+    TFLite fp16 encoder: "fp16", which the runner forces as a phone would run it)."""
 
 
 @dataclass(frozen=True)
