@@ -73,7 +73,8 @@ def declared_arithmetic(path: Path) -> str:
             return "fp16" if "fp16" in inference and "fp16" in accumulation else "fp32"
     except Exception as error:  # a damaged flatbuffer: the loader says so in one line
         detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ArtifactError(f"{path} has unreadable TFLite metadata: {type(error).__name__} {detail}".rstrip()) from None
+        message = f"{path} has unreadable TFLite metadata: {type(error).__name__} {detail}"
+        raise ArtifactError(message.rstrip()) from None
     return "fp32"
 
 
