@@ -60,7 +60,7 @@ def _separate_projections(attention: torch.nn.Module) -> None:
         setattr(attention, f"{name}_proj", linear)
 
 
-def _fused_window_block(self: TinyVitBlock, x: torch.Tensor) -> torch.Tensor:
+def _fused_window_block(self: TinyVitBlock, x: torch.Tensor, bias_anchor: torch.Tensor | None = None) -> torch.Tensor:
     """TinyVitBlock.forward with the window partition done by the head-split permutes."""
     batch, height, width, channels = x.shape
     size, attention = self.window_size, self.attn
@@ -69,7 +69,8 @@ def _fused_window_block(self: TinyVitBlock, x: torch.Tensor) -> torch.Tensor:
     padded = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
     rows, columns = (height + pad_bottom) // size, (width + pad_right) // size
     windows, tokens = batch * rows * columns, size * size
-    bias = _gather_biases_at_run_time(attention, padded.reshape(batch, -1, channels))
+    anchor = padded.reshape(batch, -1, channels)[0] if bias_anchor is None else bias_anchor
+    bias = _gather_biases_at_run_time(attention, anchor)
     normed = attention.norm(padded)
 
     def by_window(t: torch.Tensor, transposed: bool = False) -> torch.Tensor:

@@ -16,7 +16,7 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.modeling.common import LayerNorm2d
 from timm.models.tiny_vit import Attention as TinyVitAttention
-from timm.models.tiny_vit import TinyVit, TinyVitBlock
+from timm.models.tiny_vit import TinyVit, TinyVitBlock, TinyVitStage
 from torch import nn
 
 from pipeline.contract import EMBEDDING_SHAPE, IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
@@ -65,7 +65,25 @@ class MobileSamTinyViT(TinyVit):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.neck(self.forward_features(x))
+        """timm's `forward_features` (its stages' steps, in order) and the neck, with every
+        attention block given the same slice of the input as its bias anchor.
+
+        Why: each block's bias gather (`_gather_biases_at_run_time`) needs a non-constant input
+        and runs outside XNNPACK. Anchored on the block's own activations, the 20 gathers cut the
+        TFLite graph into 21 XNNPACK partitions, and in fp16 arithmetic every cut converts the
+        activations crossing it to fp32 and back; anchored on the input, the gathers can run
+        before everything else and the encoder stays one partition (README, "TFLite target")."""
+        bias_anchor = x[0, 0]
+        x = self.patch_embed(x)
+        for stage in self.stages:
+            if not isinstance(stage, TinyVitStage):
+                x = stage(x)  # the convolutional stage: no attention
+                continue
+            x = stage.downsample(x).permute(0, 2, 3, 1)  # BCHW -> BHWC, as TinyVitStage.forward
+            for block in stage.blocks:
+                x = block(x, bias_anchor)
+            x = x.permute(0, 3, 1, 2)
+        return self.neck(x)
 
 
 def _make_export_friendly(encoder: TinyVit) -> None:
@@ -94,7 +112,9 @@ def _make_export_friendly(encoder: TinyVit) -> None:
             module.forward = types.MethodType(_block_with_channels_last_local_conv, module)
 
 
-def _block_with_channels_last_local_conv(self: TinyVitBlock, x: torch.Tensor) -> torch.Tensor:
+def _block_with_channels_last_local_conv(
+    self: TinyVitBlock, x: torch.Tensor, bias_anchor: torch.Tensor | None = None
+) -> torch.Tensor:
     """timm's TinyVitBlock, the same arithmetic (outputs bit-identical), with the local
     convolution's output put back as tokens by `permute(0, 2, 3, 1)` then a reshape, where timm
     reshapes to (B, C, H * W) and then transposes.
@@ -103,14 +123,14 @@ def _block_with_channels_last_local_conv(self: TinyVitBlock, x: torch.Tensor) ->
     channels-first after it; the permute cancels that one, where timm's reshape in between kept
     it and added a second (README, "Benchmark", has what it saves). The window partition,
     attention and reverse are timm's (a window-sized input goes through the same partition, into
-    one window)."""
+    one window). `bias_anchor` goes to the attention (`_gather_biases_at_run_time`)."""
     batch, height, width, channels = x.shape
     size = self.window_size
     pad_bottom, pad_right = (size - height % size) % size, (size - width % size) % size
     windows = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom)) if pad_bottom or pad_right else x
     rows, columns = (height + pad_bottom) // size, (width + pad_right) // size
     windows = windows.view(batch, rows, size, columns, size, channels).transpose(2, 3)
-    attended = self.attn(windows.reshape(batch * rows * columns, size * size, channels))
+    attended = self.attn(windows.reshape(batch * rows * columns, size * size, channels), bias_anchor)
     attended = attended.view(batch, rows, columns, size, size, channels).transpose(2, 3)
     attended = attended.reshape(batch, rows * size, columns * size, channels)
     if pad_bottom or pad_right:
@@ -143,24 +163,25 @@ def _register_separable_bias_index(module: TinyVitAttention) -> None:
 
 
 _ANCHOR_ROW = 1
-"""One activation row appended to each ws x ws bias table (ws >= 7 and heads >= 2 give more
-than 10 elements: coremltools turns a concat input of at most 10 elements into symbols and
+"""One row of run-time values appended to each ws x ws bias table (ws >= 7 and heads >= 2 give
+more than 10 elements: coremltools turns a concat input of at most 10 elements into symbols and
 folds the gather anyway)."""
 
 
-def _gather_biases_at_run_time(self: TinyVitAttention, x: torch.Tensor) -> torch.Tensor:
+def _gather_biases_at_run_time(self: TinyVitAttention, anchor: torch.Tensor) -> torch.Tensor:
     """The (heads, tokens, tokens) bias, gathered from a table the converters cannot fold.
 
     Why: gathering a constant table with constant indices is folded by litert-torch and
     coremltools into the full heads x tokens x tokens table (14 times the compact table for
-    14x14 windows). A row taken from the activations is appended to the table, so the gathers'
-    input is no longer constant; no index points at it, so the result is bit-identical to timm's.
-    (A `0 * x` term is not enough: litert-torch folds it.) The gathers are per axis
+    14x14 windows). A row of run-time values, taken from the 2-D `anchor` (at least heads x ws:
+    the encoder's input image, `MobileSamTinyViT.forward`), is appended to the table, so the
+    gathers' input is no longer constant; no index points at it, so the result is bit-identical
+    to timm's. (A `0 * x` term is not enough: litert-torch folds it.) The gathers are per axis
     (`_register_separable_bias_index`).
     """
     heads, offsets = self.num_heads, self.bias_axis_offsets
     size = math.isqrt(offsets.shape[0])
-    anchor = x[0, :heads, :size].to(self.attention_biases.dtype).view(heads, _ANCHOR_ROW, size)
+    anchor = anchor[:heads, :size].to(self.attention_biases.dtype).view(heads, _ANCHOR_ROW, size)
     table = torch.cat([self.attention_biases.view(heads, size, size), anchor], dim=1)
     by_rows = torch.index_select(table, 1, offsets)  # [h, (i1, i2), dx]
     bias = torch.index_select(by_rows, 2, offsets)  # [h, (i1, i2), (j1, j2)]
@@ -168,10 +189,11 @@ def _gather_biases_at_run_time(self: TinyVitAttention, x: torch.Tensor) -> torch
     return bias.reshape(heads, size * size, size * size)
 
 
-def _attention_as_bmm(self: TinyVitAttention, x: torch.Tensor) -> torch.Tensor:
+def _attention_as_bmm(self: TinyVitAttention, x: torch.Tensor, bias_anchor: torch.Tensor | None = None) -> torch.Tensor:
     """timm's TinyVit attention, the same arithmetic, with (windows x heads) folded into one
-    batch dimension so both matmuls are `bmm` and q, k, v are slices (no expand, no split)."""
-    attention_bias = _gather_biases_at_run_time(self, x)
+    batch dimension so both matmuls are `bmm` and q, k, v are slices (no expand, no split).
+    Without a `bias_anchor` the biases are anchored on the first window's tokens."""
+    attention_bias = _gather_biases_at_run_time(self, x[0] if bias_anchor is None else bias_anchor)
     windows, tokens, _ = x.shape
     heads = self.num_heads
     qkv = self.qkv(self.norm(x)).view(windows, tokens, heads, -1).permute(0, 2, 1, 3)
