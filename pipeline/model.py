@@ -55,6 +55,8 @@ class MobileSamTinyViT(TinyVit):
         )
         self.img_size = IMAGE_SIZE  # SamPredictor reads image_encoder.img_size
         _make_export_friendly(self)
+        self.bias_anchor_shape = (max(num_heads), max(window_sizes))
+        """The corner of the input each attention's bias gather is anchored on (`forward`)."""
         last_downsample = self.stages[-1].downsample
         last_downsample.conv2.conv.stride = (1, 1)
         self.neck = nn.Sequential(
@@ -73,7 +75,8 @@ class MobileSamTinyViT(TinyVit):
         TFLite graph into 21 XNNPACK partitions, and in fp16 arithmetic every cut converts the
         activations crossing it to fp32 and back; anchored on the input, the gathers can run
         before everything else and the encoder stays one partition (README, "TFLite target")."""
-        bias_anchor = x[0, 0]
+        rows, columns = self.bias_anchor_shape
+        bias_anchor = x[:1, :1, :rows, :columns].reshape(rows, columns)  # slices: no copy of the whole plane
         x = self.patch_embed(x)
         for stage in self.stages:
             if not isinstance(stage, TinyVitStage):

@@ -287,7 +287,8 @@ def test_benchmark_times_every_file_in_ratios(converted):
         for profile in result.profiles:
             assert profile.error is None and profile.total_ms > 0
             kernels = {op.kernel for op in profile.ops}
-            assert "xnnpack fp32" in kernels
+            fp16_arithmetic = profile.precision == "fp16" and manifest.target == "tflite"
+            assert ("xnnpack fp16" if fp16_arithmetic else "xnnpack fp32") in kernels
             assert sum(op.ms for op in profile.ops) <= 1.05 * profile.total_ms  # nothing counted twice
             if manifest.target == "tflite":  # only the relative-position bias gathers run outside XNNPACK
                 assert {op.name for op in profile.ops if op.kernel == "outside xnnpack"} <= {"GATHER_ND"}

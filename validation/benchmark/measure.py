@@ -258,13 +258,21 @@ def gemm_rates(target_names: list[str], threads: list[int], warmup: int, runs: i
 FRAME_EVENTS = ("Method::execute", "DELEGATE_CALL", "OPERATOR_CALL")
 """ETDump events that enclose others (the whole call, a delegate call, a kernel call's frame
 around its `native_call_*` event); counting them too would count the same time twice."""
-KERNEL_INT8 = re.compile(r"\b(QD8|QS8|QU8|QC8W|QC4W|QB4W)\b")
+KERNEL_INT8 = re.compile(r"\b(QD8|QDU8|QS8|QU8|QC8W|QC4W|QB4W)\b")
+KERNEL_FP16 = re.compile(r"\b(F16|X16)\b")
+KERNEL_FP32 = re.compile(r"\b(F32|X32)\b")
 
 
-def classify_event(name: str, delegated: bool) -> str:
+def classify_event(name: str, delegated: bool, float_kernel: str = "xnnpack fp32") -> str:
+    """Which kernels ran an op, from XNNPACK's name for it; an op whose name gives no type
+    ("Add (ND)") ran in the file's float arithmetic, `float_kernel`."""
     if not delegated:
         return "outside xnnpack"
-    return "xnnpack int8" if KERNEL_INT8.search(name) else "xnnpack fp32"
+    if KERNEL_INT8.search(name):
+        return "xnnpack int8"
+    if KERNEL_FP16.search(name):
+        return "xnnpack fp16"
+    return "xnnpack fp32" if KERNEL_FP32.search(name) else float_kernel
 
 
 def executorch_profile(item: FileUnderTest, threads: int, runs: int = 3) -> OpProfile:
@@ -321,7 +329,10 @@ def tflite_profile(item: FileUnderTest, threads: int, runs: int = 3) -> OpProfil
         runner = load_artifact_runner(item.manifest_path, item.manifest, record, threads)
         measured = profile_ops(item.path, runner.file_inputs(item.inputs()), threads, runs)
         profile.total_ms = measured.total_ms
-        profile.ops = [OpCost(op.name, classify_event(op.name, op.delegated), op.count, op.ms) for op in measured.ops]
+        arithmetic = "xnnpack fp16" if item.record.details.get("arithmetic") == "fp16" else "xnnpack fp32"
+        profile.ops = [
+            OpCost(op.name, classify_event(op.name, op.delegated, arithmetic), op.count, op.ms) for op in measured.ops
+        ]
     except Exception as error:
         profile.error = one_line(error)
     return profile

@@ -85,7 +85,7 @@ class SweepPoint:
 @dataclass(frozen=True)
 class OpCost:
     name: str
-    kernel: str  # "xnnpack int8", "xnnpack fp32" or "outside xnnpack"
+    kernel: str  # "xnnpack int8", "xnnpack fp16", "xnnpack fp32" or "outside xnnpack"
     count: int
     ms: float
 
