@@ -55,8 +55,11 @@ class MobileSamTinyViT(TinyVit):
         )
         self.img_size = IMAGE_SIZE  # SamPredictor reads image_encoder.img_size
         _make_export_friendly(self)
-        self.bias_anchor_shape = (max(num_heads), max(window_sizes))
-        """The corner of the input each attention's bias gather is anchored on (`forward`)."""
+        self.bias_anchor_shape = (max(num_heads) + 1, max(window_sizes) + 1)
+        """The corner of the input each attention's bias gather is anchored on (`forward`): one
+        row and column more than any attention takes, so that every attention's part of it is a
+        real slice (torch.export turns a whole-tensor slice into `alias`, which coremltools
+        cannot convert)."""
         last_downsample = self.stages[-1].downsample
         last_downsample.conv2.conv.stride = (1, 1)
         self.neck = nn.Sequential(
@@ -76,7 +79,7 @@ class MobileSamTinyViT(TinyVit):
         activations crossing it to fp32 and back; anchored on the input, the gathers can run
         before everything else and the encoder stays one partition (README, "TFLite target")."""
         rows, columns = self.bias_anchor_shape
-        bias_anchor = x[:1, :1, :rows, :columns].reshape(rows, columns)  # slices: no copy of the whole plane
+        bias_anchor = x[:, :, :rows, :columns][0, 0]  # slices first: the selects copy rows x columns values
         x = self.patch_embed(x)
         for stage in self.stages:
             if not isinstance(stage, TinyVitStage):

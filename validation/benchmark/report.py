@@ -208,7 +208,7 @@ def plot(result: Benchmark, path: Path) -> None:
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     encoders = [a for a in result.artifacts if a.part == "image_encoder" and a.timings]
-    labels = [f"{a.target}\n{a.precision}" for a in encoders]
+    labels = [f"{a.target}\n{a.precision}" + (f"\n{a.arithmetic} arithmetic" if a.arithmetic else "") for a in encoders]
     width = 0.8 / max(1, len(result.threads))
     for index, threads in enumerate(result.threads):
         values = [next((t.median_s * 1000 for t in a.timings if t.threads == threads), 0.0) for a in encoders]
