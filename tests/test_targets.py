@@ -474,7 +474,8 @@ def test_tflite_fp16_encoder_computes_in_fp16_as_phones_do(tmp_path):
     details, arithmetic, fp16_psnr, ops = files[ENCODER, "fp16"]
     assert details["arithmetic"] == arithmetic == declared_arithmetic(tmp_path / f"{ENCODER}_fp16.tflite") == "fp16"
     assert {"Fully Connected (NC, F16) GEMM", "ApproxGELU (NC)"} <= ops, ops
-    print({key: round(float(value[2]), 1) for key, value in files.items()})
+    psnrs = {f"{part} {precision}": round(float(value[2]), 1) for (part, precision), value in files.items()}
+    print(f"tflite PSNR vs PyTorch dB: {psnrs}")
     assert 50 < fp16_psnr < 80, fp16_psnr
     for key, least_psnr in (((ENCODER, "fp32"), 120), ((DECODER, "fp16"), fp16_psnr + 10)):
         details, arithmetic, psnr, ops = files[key]
