@@ -1,5 +1,5 @@
 """Sessions: distill, convert_coreml, convert_executorch, convert_executorch_coreml, convert_tflite, validate,
-selftest, benchmark, segment_everything, tryout, tests, lint (see README).
+selftest, compat, benchmark, segment_everything, tryout, tests, lint (see README).
 
 Environments are reused and dependencies are installed only when pyproject.toml changes, so a
 second run of any session starts in seconds instead of reinstalling torch.
@@ -127,6 +127,20 @@ def selftest(session: nox.Session) -> None:
     """
     install_project(session, "validate")
     session.run("python", "-m", "validation.selftest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def compat(session: nox.Session) -> None:
+    """Every file under --out in a matrix of runtime builds (today's and older TFLite/LiteRT,
+    TensorFlow's interpreter, ExecuTorch), each in its own environment built on first use under
+    ~/.cache/mobilesam-mobile/compat-envs (never this session's), plus each Core ML package's
+    declared minimum OS. Writes DIR/compat.json and compat.md (validate adds them to its report)
+    and each manifest record's `details.runtimes`; exits 1 if any file runs and answers wrong.
+
+    Options after `--`: --out DIR (default artifacts), --runtimes NAME ..., --no-manifest-update.
+    """
+    install_project(session, "validate")
+    session.run("python", "-m", "validation.compat", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.contract import PartContract
-from pipeline.errors import ConfigError
+from pipeline.errors import ArtifactError, ConfigError
 from pipeline.model import ARCHITECTURES, STUDENT_TYPE
 from pipeline.selftest import SelftestCase
 
@@ -46,6 +46,17 @@ class PartToConvert:
     @property
     def name(self) -> str:
         return self.contract.part
+
+
+@dataclass(frozen=True)
+class CompanionFile:
+    """A file that travels beside a converted file (e.g. ExecuTorch's BundledProgram), made and
+    checked from the fresh file; the convert stage writes it with the file, atomically."""
+
+    name: str
+    content: bytes
+    details: dict[str, Any]
+    """What the manifest records of it (beside its file name and sha256)."""
 
 
 class Runner(ABC):
@@ -94,6 +105,16 @@ class Target(ABC):
     @abstractmethod
     def load_runner(self, path: Path, contract: PartContract, threads: int | None = None) -> Runner:
         """Load a converted file in this target's real runtime; one-line ArtifactError if unreadable."""
+
+    def companion_files(self, path: Path, part: PartToConvert) -> tuple[CompanionFile, ...]:
+        """Files to ship beside the fresh file at `path` (named after the final file's stem), each
+        already checked in this target's runtime; none by default."""
+        return ()
+
+    def verify_companion(self, path: Path, details: dict[str, Any]) -> str:
+        """Check a companion file (`companion_files`) in this target's runtime; a one-line summary,
+        or ArtifactError."""
+        raise ArtifactError(f"target {self.name} makes no companion files, got {path.name}")
 
     def with_options(self, options: Mapping[str, Any]) -> Target:
         """This target configured by `[target_options.<name>]`; targets without options refuse any."""

@@ -26,7 +26,7 @@ from pipeline.config import RunConfig
 from pipeline.contract import decoder_contract, encoder_contract, file_stem
 from pipeline.datasets import CocoPhotos, Photos
 from pipeline.errors import ArtifactError, ConfigError, one_line
-from pipeline.files import atomic_produce, sha256_file
+from pipeline.files import atomic_produce, atomic_write_bytes, sha256_file
 from pipeline.gates import DEFAULT_GATES, selftest_tolerance
 from pipeline.manifest import (
     MANIFEST_NAME,
@@ -273,7 +273,7 @@ def convert_one(
     then the file and its vectors replace the earlier ones together."""
     details: dict = {}
     vectors = selftest_path(path)
-    staged_vectors = vectors.with_name(f".{vectors.name}.staged")
+    staged = {vectors: vectors.with_name(f".{vectors.name}.staged")}
 
     def produce(temporary: Path) -> None:
         start = time.perf_counter()
@@ -282,14 +282,23 @@ def convert_one(
         runner = target.load_runner(temporary, part.contract)
         details["gate"] = parity_gate(runner, part, precision, expected)
         details["selftest"] = {"file": vectors.name, **selftest_gate(runner, part, precision)}
-        write_vectors(staged_vectors, list(part.selftest))
-        details["selftest"]["sha256"] = sha256_file(staged_vectors)
+        write_vectors(staged[vectors], list(part.selftest))
+        details["selftest"]["sha256"] = sha256_file(staged[vectors])
+        for companion in target.companion_files(temporary, part):
+            final = path.with_name(companion.name)
+            staged[final] = final.with_name(f".{final.name}.staged")
+            atomic_write_bytes(staged[final], companion.content)
+            details.setdefault("companions", []).append(
+                {"file": companion.name, "sha256": sha256_file(staged[final]), **companion.details}
+            )
 
     try:
         atomic_produce(path, produce)
-        os.replace(staged_vectors, vectors)
+        for final, temporary in staged.items():
+            os.replace(temporary, final)
     finally:
-        staged_vectors.unlink(missing_ok=True)
+        for temporary in staged.values():
+            temporary.unlink(missing_ok=True)
     return details
 
 

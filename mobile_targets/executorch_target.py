@@ -23,12 +23,19 @@ from segment_anything.modeling.common import LayerNorm2d
 from timm.models.tiny_vit import ConvNorm
 from torch import nn
 
-from mobile_targets.base import PartToConvert, Runner, Target
+from mobile_targets.base import CompanionFile, PartToConvert, Runner, Target
 from pipeline.contract import PartContract
 from pipeline.errors import ArtifactError, PipelineError
+from pipeline.selftest import SelftestCase
 
 PTE_IDENTIFIER_OFFSET = 4
 PTE_IDENTIFIER_PREFIX = b"ET"
+BUNDLED_SUFFIX = ".bpte"
+BUNDLED_ATOL_MARGIN = 4.0
+"""A bundled case's `atol` is this many times the largest absolute error the file shows here
+against PyTorch fp32 on it (plus `BUNDLED_ATOL_FLOOR` of the output's scale): a phone's kernels
+round differently from this machine's, an answer in the wrong ballpark is far outside."""
+BUNDLED_ATOL_FLOOR = 1e-5
 
 
 INT8_SCHEME = (
@@ -334,8 +341,65 @@ class ExecuTorchTarget(Target):
     def load_runner(self, path: Path, contract: PartContract, threads: int | None = None) -> Runner:
         return ExecuTorchRunner(path, contract, threads)
 
+    def companion_files(self, path: Path, part: PartToConvert) -> tuple[CompanionFile, ...]:
+        """`<stem>.bpte`: ExecuTorch's BundledProgram of the file with its self-test cases, so an
+        app that links ExecuTorch runs the check its runtime already has."""
+        content, tolerances = bundled_program(path, part.contract, part.selftest)
+        name = path.name[: -len(path.suffix)] + BUNDLED_SUFFIX
+        details = {"format": "executorch BundledProgram", "method": "forward", "rtol": 0.0, "atol": tolerances}
+        return (CompanionFile(name, content, details),)
+
+    def verify_companion(self, path: Path, details: dict[str, Any]) -> str:
+        verify_bundled_program(path.read_bytes(), list(details["atol"]), path.name)
+        return f"{path.name}: {len(details['atol'])} bundled cases verified by ExecuTorch"
+
     def tool_packages(self) -> tuple[str, ...]:
         return ("executorch", "torchao")
+
+
+def bundled_program(path: Path, contract: PartContract, cases: tuple[SelftestCase, ...]) -> tuple[bytes, list[float]]:
+    """The `.pte` at `path` bundled with `cases` (inputs and PyTorch fp32's outputs, the self-test
+    vectors), and each case's `atol`; checked here by ExecuTorch's own
+    `verify_result_with_bundled_expected_output` before it is returned.
+
+    The tolerance is absolute and per case (`BUNDLED_ATOL_MARGIN`): ExecuTorch's check compares
+    element by element, which a PSNR gate does not, so it is set from what this file computes."""
+    from executorch.devtools import BundledProgram
+    from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
+    from executorch.devtools.bundled_program.serialize import serialize_from_bundled_program_to_flatbuffer
+
+    if not cases:
+        raise PipelineError(f"{path.name}: no self-test cases to bundle")
+    runner = ExecuTorchRunner(path, contract)
+    tests, tolerances = [], []
+    for case in cases:
+        actual = runner.run(case.inputs)
+        error = max(float(np.abs(actual[name] - case.expected[name]).max()) for name in contract.output_names)
+        scale = max(float(np.abs(case.expected[name]).max()) for name in contract.output_names)
+        tolerances.append(float(f"{BUNDLED_ATOL_MARGIN * error + BUNDLED_ATOL_FLOOR * scale:.3g}"))
+        inputs = [torch.from_numpy(np.ascontiguousarray(case.inputs[name])) for name in contract.input_names]
+        expected = [torch.from_numpy(np.ascontiguousarray(case.expected[name])) for name in contract.output_names]
+        tests.append(MethodTestCase(inputs=inputs, expected_outputs=expected))
+    bundle = BundledProgram(None, [MethodTestSuite("forward", tests)], pte_file_path=str(path))
+    content = bytes(serialize_from_bundled_program_to_flatbuffer(bundle))
+    verify_bundled_program(content, tolerances, path.name)
+    return content, tolerances
+
+
+def verify_bundled_program(content: bytes, tolerances: list[float], name: str) -> None:
+    """ExecuTorch's own check of every bundled case (`verify_result_with_bundled_expected_output`:
+    it loads the bundled inputs, runs `forward` and compares); one line naming the case on a miss."""
+    from executorch.extension.pybindings.portable_lib import _load_bundled_program_from_buffer
+
+    try:
+        bundle = _load_bundled_program_from_buffer(content)
+    except (RuntimeError, ValueError) as error:
+        raise ArtifactError(f"{name} is not a loadable ExecuTorch BundledProgram: {error}") from None
+    for index, atol in enumerate(tolerances):
+        try:
+            bundle.verify_result_with_bundled_expected_output("forward", index, 0.0, atol)
+        except RuntimeError as error:
+            raise ArtifactError(f"{name}: bundled case {index} misses atol {atol}: {error}") from None
 
 
 def _delegation_summary(lowered: Any) -> tuple[int, int]:

@@ -18,6 +18,8 @@ from pipeline.datasets import photos_from_options
 from pipeline.errors import one_line
 from pipeline.files import atomic_write_bytes, atomic_write_json
 from pipeline.model import TEACHER_TYPES
+from validation.compat.matrix import read_report as read_compat_report
+from validation.compat.text import compat_html, compat_markdown
 from validation.gates import gates_from_config
 from validation.html_report import write_html
 from validation.run import TeacherSpec, ValidationSettings, validate_run
@@ -68,12 +70,15 @@ def main() -> int:
     out = Path(config.out_dir)
     report = validate_run(out, photos, settings, gates, masks, checkpoint=config.checkpoint, teacher=teacher)
     summary = summary_markdown(report)
+    compat = read_compat_report(out)
+    if compat is not None:  # the matrix `nox -s compat` left beside the files
+        summary += "\n\n" + compat_markdown(compat).replace("# Runtime compatibility", "## Runtime compatibility", 1)
     atomic_write_json(out / "report.json", report.to_json())
     atomic_write_bytes(out / "report.md", f"# Validation report\n\n{summary}\n".encode())
     print(summary)
-    failures = report.failures()
+    failures = report.failures() + (compat.gate_failures() if compat is not None else [])
     try:
-        write_html(report, photos, masks, out / "report.html")
+        write_html(report, photos, masks, out / "report.html", compat_html(compat) if compat is not None else "")
         print(f"wrote {out / 'report.json'}, {out / 'report.md'} and {out / 'report.html'}")
     except Exception as error:  # the JSON and Markdown reports stand without the page
         failures.append(f"report.html not written: {one_line(error)}")

@@ -152,7 +152,9 @@ def _image(alt: str, picture: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{picture}">'
 
 
-def write_html(report: Report, photos: Photos, masks: dict[str, dict[int, np.ndarray]], path: Path) -> None:
+def write_html(
+    report: Report, photos: Photos, masks: dict[str, dict[int, np.ndarray]], path: Path, extra_html: str = ""
+) -> None:
     rows = summary_rows(report)
     valid_runs = [run for run in report.runs if not run.error]
     weights = "; ".join(f"{run.target}: {html.escape(run.weights)}" for run in valid_runs)
@@ -203,6 +205,8 @@ def write_html(report: Report, photos: Photos, masks: dict[str, dict[int, np.nda
             _html_table(EVERYTHING_HEADER, rows, ["fail" if row[-1] == "FAIL" else "" for row in rows]),
         ]
     sections += ["<h2>Per prompt kind</h2>", _html_table(KIND_HEADER, kind_rows(report))]
+    if extra_html:
+        sections.append(extra_html)
     style = (
         "body{font-family:sans-serif;margin:2em;max-width:1400px}"
         "table{border-collapse:collapse;font-size:12px;margin:0.5em 0}"

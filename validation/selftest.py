@@ -12,9 +12,10 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from mobile_targets import load_artifact_runner
+from mobile_targets import get_target, load_artifact_runner
 from pipeline.cli import exit_status, run_main, setup_logging
 from pipeline.errors import PipelineError, one_line
+from pipeline.files import sha256_file
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
 from pipeline.selftest import Tolerance, read_vectors, run_vectors
 
@@ -38,6 +39,7 @@ def selftest_artifact(manifest_path: Path, manifest: Manifest, record: ArtifactR
         runner = load_artifact_runner(manifest_path, manifest, record, threads, check_sha256=False)
         tolerance = Tolerance(**info["tolerance"])
         results = run_vectors(runner, cases, tolerance)
+        companions = [verify_companion(manifest_path, record, item) for item in record.details.get("companions", [])]
     except Exception as error:  # one file's failure never stops the others
         return SelftestOutcome(name, False, one_line(error))
     misses = [miss for result in results for miss in result.misses]
@@ -49,9 +51,19 @@ def selftest_artifact(manifest_path: Path, manifest: Manifest, record: ArtifactR
     ious = [r.mask_iou_min for r in results if r.mask_iou_min is not None]
     if ious:
         worst.append(f"mask IoU >= {min(ious):.4f}")
-    return SelftestOutcome(
-        name, True, f"{len(results)} cases ({', '.join(c.kind for c in cases)}): " + ", ".join(worst)
-    )
+    summary = f"{len(results)} cases ({', '.join(c.kind for c in cases)}): " + ", ".join(worst)
+    return SelftestOutcome(name, True, "; ".join([summary, *companions]))
+
+
+def verify_companion(manifest_path: Path, record: ArtifactRecord, item: dict) -> str:
+    """A companion file (ExecuTorch's BundledProgram) against its recorded sha256, then checked by
+    its target's runtime."""
+    path = manifest_path.parent / item["file"]
+    if not path.is_file():
+        raise PipelineError(f"companion file missing: {path}")
+    if sha256_file(path) != item["sha256"]:
+        raise PipelineError(f"{path} changed since conversion (sha256 differs from the manifest's)")
+    return get_target(record.target).verify_companion(path, item)
 
 
 def selftest_folder(out: Path, threads: int = 2) -> list[SelftestOutcome]:

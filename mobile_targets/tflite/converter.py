@@ -26,6 +26,7 @@ from timm.models.tiny_vit import Attention as TinyVitAttention
 
 from mobile_targets.base import PartToConvert, Runner, Target, replace_options
 from mobile_targets.tflite.arithmetic import ForcedFp16Signature, declared_arithmetic, mark_fp16_arithmetic
+from mobile_targets.tflite.op_versions import declare_required_versions
 from pipeline.config import parse_bool
 from pipeline.contract import ENCODER, PartContract
 from pipeline.errors import ArtifactError, PipelineError
@@ -378,6 +379,7 @@ class TFLiteTarget(Target):
             details["io"] = "int8" if integer_io else "float32"
         elif precision != "fp32":
             data = _quantize(data, precision)
+        data = declare_required_versions(data)
         data = short_tensor_names(data)
         if computes_in_fp16(part, precision):
             data = mark_fp16_arithmetic(data)

@@ -1,0 +1,297 @@
+"""The compatibility matrix: every converted file's self-test vectors in every runtime build.
+
+A cell is `pass` (the file meets its manifest's self-test tolerance there), `refused` (a clear
+error at load or run: the app cannot ship it silently) or `wrong` (it runs and misses its
+tolerance: the failure an app would never notice, which `gate_failures` turns into exit 1).
+Core ML packages cannot run here; their spec version is read and checked against the minimum OS
+their manifest promises (`coreml_checks`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError, one_line
+from pipeline.files import atomic_write_bytes, atomic_write_json, sha256_file
+from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest, verify_artifact
+from pipeline.selftest import Tolerance, check_case, read_vectors
+from validation.compat.runtimes import (
+    PACKAGES,
+    TARGET_FAMILIES,
+    RuntimeSpec,
+    environment_python,
+    installed_version,
+)
+
+log = logging.getLogger(__name__)
+
+WORKER = Path(__file__).with_name("worker.py")
+VERDICTS = ("pass", "refused", "wrong")
+COREML_SPEC_MINIMUM_OS = {6: "iOS15", 7: "iOS16", 8: "iOS17", 9: "iOS18"}
+"""Core ML specification version -> the first iOS that loads it (coremltools' `target` table)."""
+WORKER_TIMEOUT_S = 1800
+
+
+@dataclass(frozen=True)
+class RuntimeColumn:
+    name: str
+    package: str
+    version: str
+    note: str
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One file in one runtime build."""
+
+    target: str
+    file: str
+    part: str
+    precision: str
+    runtime: str
+    verdict: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class CoreMLCheck:
+    """A Core ML package's declared minimum OS against what its manifest promises."""
+
+    target: str
+    file: str
+    specification_version: int
+    minimum_os: str
+    promised_os: str
+    verdict: str
+
+
+@dataclass(frozen=True)
+class CompatReport:
+    runtimes: tuple[RuntimeColumn, ...]
+    cells: tuple[Cell, ...]
+    coreml: tuple[CoreMLCheck, ...] = ()
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> CompatReport:
+        return cls(
+            runtimes=tuple(RuntimeColumn(**item) for item in raw["runtimes"]),
+            cells=tuple(Cell(**item) for item in raw["cells"]),
+            coreml=tuple(CoreMLCheck(**item) for item in raw.get("coreml", [])),
+            created=raw["created"],
+        )
+
+    def gate_failures(self) -> list[str]:
+        """Every `wrong` cell and every Core ML package that needs a newer OS than promised."""
+        failures = [
+            f"{c.target} {c.file} in {c.runtime}: runs and answers wrong ({c.detail})"
+            for c in self.cells
+            if c.verdict == "wrong"
+        ]
+        failures += [
+            f"{c.target} {c.file}: needs {c.minimum_os} (spec {c.specification_version}), promised {c.promised_os}"
+            for c in self.coreml
+            if c.verdict != "pass"
+        ]
+        return failures
+
+
+def _tflite_io(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The file's signature input and output details, read by the project's LiteRT (types and
+    quantization only: nothing runs)."""
+    from mobile_targets.tflite.converter import SIGNATURE, load_interpreter_class
+
+    runner = load_interpreter_class()(model_path=str(path)).get_signature_runner(SIGNATURE)
+    return runner.get_input_details(), runner.get_output_details()
+
+
+def run_in_runtime(
+    spec: RuntimeSpec, python: Path, path: Path, record: ArtifactRecord, manifest: Manifest, vectors: Path
+) -> Cell:
+    """The file's self-test cases through `spec`'s runtime, scored against the tolerance its
+    manifest records."""
+    from mobile_targets.tflite.converter import to_file_dtype, to_float
+
+    info = record.details["selftest"]
+    contract = manifest.contract(record.part)
+    cases = read_vectors(vectors, info["cases"], contract)
+    tolerance = Tolerance(**info["tolerance"])
+
+    def cell(verdict: str, detail: str) -> Cell:
+        return Cell(record.target, record.file, record.part, record.precision, spec.name, verdict, detail)
+
+    io_details = _tflite_io(path) if spec.family == "tflite" else None
+    arrays: dict[str, np.ndarray] = {}
+    for index, case in enumerate(cases):
+        for name, value in case.inputs.items():
+            value = np.ascontiguousarray(value, dtype=np.float32)
+            arrays[f"case{index}.{name}"] = to_file_dtype(value, io_details[0][name]) if io_details else value
+    with tempfile.TemporaryDirectory(prefix="compat-") as scratch:
+        inputs, outputs = Path(scratch) / "inputs.npz", Path(scratch) / "outputs.npz"
+        np.savez(inputs, **arrays)
+        command = [str(python), str(WORKER), "--loader", spec.loader, "--model", str(path)]
+        command += ["--inputs", str(inputs), "--outputs", str(outputs), "--order", ",".join(contract.input_names)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return cell("refused", f"no answer within {WORKER_TIMEOUT_S} s")
+        lines = done.stdout.strip().splitlines()
+        try:
+            status = json.loads(lines[-1]) if lines else None
+        except json.JSONDecodeError:
+            status = None
+        if status is None:
+            reason = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}"
+            return cell("refused", f"the runtime crashed ({reason})")
+        if status["status"] != "ok":
+            return cell("refused", f"{status['stage']}: {status['error']}")
+        with np.load(outputs, allow_pickle=False) as archive:
+            produced = {key: archive[key] for key in archive.files}
+    misses: list[str] = []
+    worst: dict[str, float] = {}
+    ious: list[float] = []
+    for index, case in enumerate(cases):
+        actual: dict[str, np.ndarray] = {}
+        for position, name in enumerate(contract.output_names):
+            key = f"case{index}.{name}" if io_details else f"case{index}.{position}"
+            if key not in produced:
+                return cell("refused", f"no output {name!r} (outputs {sorted(produced)})")
+            actual[name] = to_float(produced[key], io_details[1][name]) if io_details else produced[key]
+        result = check_case(case, actual, tolerance)
+        misses += result.misses
+        for name, value in result.psnr_db.items():
+            worst[name] = min(worst.get(name, float("inf")), value)
+        if result.mask_iou_min is not None:
+            ious.append(result.mask_iou_min)
+    summary = ", ".join(f"{name} >= {value:.1f} dB" for name, value in worst.items())
+    if ious:
+        summary += f", mask IoU >= {min(ious):.3f}"
+    if misses:
+        return cell("wrong", "; ".join(misses))
+    return cell("pass", summary)
+
+
+def coreml_checks(out: Path) -> list[CoreMLCheck]:
+    """Every `.mlpackage` under `out`: its specification version, the first iOS that loads it,
+    and whether that is the one its manifest promises (the convert option, iOS17 by default)."""
+    checks = []
+    for manifest_path in find_manifests(out):
+        manifest = read_manifest(manifest_path)
+        for record in manifest.artifacts:
+            if not record.file.endswith(".mlpackage"):
+                continue
+            import coremltools as ct  # only where Core ML packages exist
+
+            spec = ct.utils.load_spec(str(verify_artifact(manifest_path, record)))
+            version = int(spec.specificationVersion)
+            minimum = COREML_SPEC_MINIMUM_OS.get(version, f"spec {version}")
+            promised = str(record.details.get("minimum_deployment_target", "iOS17"))
+            verdict = "pass" if minimum == promised else "mismatch"
+            checks.append(CoreMLCheck(record.target, record.file, version, minimum, promised, verdict))
+    return checks
+
+
+def build_matrix(out: Path, runtimes: list[RuntimeSpec]) -> CompatReport:
+    """Every file under `out` that a runtime family loads, in each runtime of that family."""
+    manifests = find_manifests(out)
+    if not manifests:
+        raise PipelineError(f"no manifests under {out}; run a convert session first")
+    records: list[tuple[Path, Manifest, ArtifactRecord]] = []
+    cells: list[Cell] = []
+    for manifest_path in manifests:
+        manifest = read_manifest(manifest_path)
+        records += [(manifest_path, manifest, record) for record in manifest.artifacts]
+    columns = []
+    for spec in runtimes:
+        family_records = [r for r in records if TARGET_FAMILIES.get(r[2].target) == spec.family]
+        if not family_records:
+            continue
+        package = PACKAGES[spec.loader]
+        try:
+            python = environment_python(spec)
+        except PipelineError as error:  # the build, not a file, failed: say so and go on
+            log.warning("%s", error)
+            columns.append(RuntimeColumn(spec.name, package, "unavailable", str(error)))
+            continue
+        columns.append(RuntimeColumn(spec.name, package, installed_version(python, package), spec.note))
+        for manifest_path, manifest, record in family_records:
+            log.info("%s %s in %s", record.target, record.file, spec.name)
+            try:
+                path = verify_artifact(manifest_path, record)
+                vectors = _verified_vectors(manifest_path, record)
+                cells.append(run_in_runtime(spec, python, path, record, manifest, vectors))
+            except PipelineError as error:
+                cells.append(
+                    Cell(record.target, record.file, record.part, record.precision, spec.name, "refused", str(error))
+                )
+    return CompatReport(tuple(columns), tuple(cells), tuple(coreml_checks(out)))
+
+
+def _verified_vectors(manifest_path: Path, record: ArtifactRecord) -> Path:
+    """The record's self-test vectors, checked against the sha256 the manifest recorded."""
+    info = record.details.get("selftest")
+    if not info:
+        raise PipelineError(f"{record.file}: no self-test vectors in the manifest")
+    vectors = manifest_path.parent / info["file"]
+    if not vectors.is_file():
+        raise PipelineError(f"{record.file}: self-test vectors missing: {vectors}")
+    recorded = info.get("sha256")
+    if recorded and sha256_file(vectors) != recorded:
+        raise PipelineError(f"{vectors} changed since conversion (sha256 differs from the manifest's)")
+    return vectors
+
+
+def runtime_summary(report: CompatReport, file: str, target: str) -> dict[str, list[str]]:
+    """For one file: the runtimes (in matrix order) that pass it, refuse it, or answer wrong."""
+    summary: dict[str, list[str]] = {verdict: [] for verdict in VERDICTS}
+    for c in report.cells:
+        if c.file == file and c.target == target:
+            summary[c.verdict].append(c.runtime)
+    return summary
+
+
+def record_in_manifests(out: Path, report: CompatReport) -> None:
+    """Each manifest record gets `details.runtimes`: where its file was proven (pass), refused and
+    wrong, so an app team picks the file for the runtime it ships from the manifest alone."""
+    for manifest_path in find_manifests(out):
+        raw = json.loads(manifest_path.read_text())
+        changed = False
+        for item in raw.get("artifacts", []):
+            summary = runtime_summary(report, item["file"], item["target"])
+            if any(summary.values()):
+                item.setdefault("details", {})["runtimes"] = {**summary, "checked": report.created}
+                changed = True
+        if changed:
+            atomic_write_json(manifest_path, raw)
+
+
+def write_report(out: Path, report: CompatReport) -> list[Path]:
+    from validation.compat.text import compat_markdown
+
+    json_path, md_path = out / "compat.json", out / "compat.md"
+    atomic_write_json(json_path, report.to_json())
+    atomic_write_bytes(md_path, compat_markdown(report).encode())
+    return [json_path, md_path]
+
+
+def read_report(out: Path) -> CompatReport | None:
+    """The matrix a compat run left under `out`, if any (the validate report shows it)."""
+    path = Path(out) / "compat.json"
+    if not path.is_file():
+        return None
+    try:
+        return CompatReport.from_json(json.loads(path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise PipelineError(f"{path} is not a compat report: {one_line(error)}") from None
