@@ -98,16 +98,30 @@ def tflite_converted(tmp_path_factory, official_checkpoint) -> Path:
     return convert_target("tflite", config)
 
 
-SESSION_CONVERSIONS = ("coreml_fp32", "tflite_converted")
+@pytest.fixture(scope="session")
+def executorch_converted(tmp_path_factory, official_checkpoint) -> Path:
+    """ExecuTorch files of the checkpoint in every default precision, converted once for the
+    session: test_targets checks them and test_compat runs them in an older ExecuTorch."""
+    from mobile_targets import get_target
+    from mobile_targets.convert import convert_target
+    from pipeline.config import DEFAULT_PRECISIONS, RunConfig
+
+    out = tmp_path_factory.mktemp("executorch_converted")
+    precisions = tuple(p for p in get_target("executorch").precisions if p in DEFAULT_PRECISIONS)
+    config = RunConfig(checkpoint=official_checkpoint, precisions=precisions, out_dir=out, batch_prompts=TFLITE_BATCH)
+    return convert_target("executorch", config)
+
+
+SESSION_CONVERSIONS = ("coreml_fp32", "tflite_converted", "executorch_converted")
 """Session fixtures that convert the full model: every test using one runs in the same pytest-xdist
 worker, so each conversion is made once."""
 
-TARGET_CONVERSIONS = {"tflite": "tflite_converted"}
+TARGET_CONVERSIONS = {"tflite": "tflite_converted", "executorch": "executorch_converted"}
 """test_targets' `converted` takes these targets' files from the session fixture named here."""
 
 
 LONGEST_GROUPS_FIRST = (
-    "test_targets-executorch",
+    "executorch_converted",
     "tflite_converted",
     "test_targets-executorch_coreml",
     "tests.test_coreml",

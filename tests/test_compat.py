@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from mobile_targets import get_target
 from mobile_targets.tflite.op_versions import declare_required_versions, declared_versions
 from pipeline.files import sha256_file
+from pipeline.manifest import read_manifest
+from pipeline.selftest import read_vectors
 from validation.compat.matrix import build_matrix, read_report, record_in_manifests, write_report
 from validation.compat.runtimes import QUICK_RUNTIMES, runtime_spec
 
@@ -126,6 +129,55 @@ def test_matrix_refuses_damaged_vectors_and_changed_files(tflite_converted, tmp_
     assert cells["image_encoder_fp16.tflite"].verdict == "pass"
 
 
+OLDER_EXECUTORCH = "executorch-1.4.1"
+
+
+def test_pte_files_pass_in_an_older_executorch(executorch_converted, tmp_path):
+    """Every shipped `.pte` (fp32 and int8, single and batched decoder) in the ExecuTorch release
+    before the project's, in its own environment: each passes its own tolerance."""
+    out = tmp_path / "out"
+    shutil.copytree(Path(executorch_converted).parent, out / "executorch")
+    report = build_matrix(out, [runtime_spec(OLDER_EXECUTORCH)])
+    (column,) = report.runtimes
+    assert column.name == OLDER_EXECUTORCH and column.version == "1.4.1"
+    manifest = read_manifest(out / "executorch" / "manifest.json")
+    assert {c.file for c in report.cells} == {r.file for r in manifest.artifacts}
+    assert all(c.verdict == "pass" for c in report.cells), [c for c in report.cells if c.verdict != "pass"]
+
+
+def test_every_pte_ships_a_bundled_program_that_executorch_verifies(executorch_converted):
+    """`<stem>.bpte` beside each `.pte`: ExecuTorch's BundledProgram of the file with its self-test
+    cases, recorded with its sha256, passing ExecuTorch's own check; the check fails when the
+    program answers further from PyTorch than the bundled tolerance (the int8 program with the
+    fp32 program's cases and tolerances)."""
+    from mobile_targets.executorch_target import BUNDLED_SUFFIX, bundled_program, verify_bundled_program
+    from pipeline.errors import ArtifactError
+
+    manifest_path = Path(executorch_converted)
+    manifest = read_manifest(manifest_path)
+    target = get_target("executorch")
+    companions = {}
+    for record in manifest.artifacts:
+        (companion,) = record.details["companions"]
+        path = manifest_path.parent / companion["file"]
+        assert companion["file"] == Path(record.file).stem + BUNDLED_SUFFIX
+        assert sha256_file(path) == companion["sha256"]
+        assert len(companion["atol"]) == len(record.details["selftest"]["cases"])
+        assert "bundled cases verified by ExecuTorch" in target.verify_companion(path, companion)
+        companions[(record.part, record.precision)] = (record, companion)
+    fp32_record, fp32_companion = companions[("image_encoder", "fp32")]
+    int8_record, _ = companions[("image_encoder", "int8")]
+    contract = manifest.contract("image_encoder")
+    cases = read_vectors(
+        manifest_path.parent / fp32_record.details["selftest"]["file"],
+        fp32_record.details["selftest"]["cases"],
+        contract,
+    )
+    content, _ = bundled_program(manifest_path.parent / int8_record.file, contract, tuple(cases))
+    with pytest.raises(ArtifactError, match=r"bundled case 0 misses atol"):
+        verify_bundled_program(content, fp32_companion["atol"], "int8 with fp32 tolerances")
+
+
 def test_unknown_runtime_is_one_line():
     from pipeline.errors import PipelineError
 
@@ -133,3 +185,22 @@ def test_unknown_runtime_is_one_line():
         PipelineError, match=re.escape("unknown runtime 'tflite-9'; expected some of ai-edge-litert-2.3")
     ):
         runtime_spec("tflite-9")
+
+
+def test_coreml_packages_declare_the_os_their_manifest_promises(coreml_fp32, tmp_path):
+    """Core ML cannot run here: each package's specification version is read and its first iOS
+    compared with the manifest's promise; a package promised to an older iOS than it needs fails."""
+    from validation.compat.matrix import CompatReport, coreml_checks
+
+    checks = coreml_checks(coreml_fp32)
+    assert checks and all(c.verdict == "pass" and c.minimum_os == "iOS17" for c in checks)
+    out = tmp_path / "out"
+    shutil.copytree(coreml_fp32 / "coreml", out / "coreml")
+    manifest_path = out / "coreml" / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    raw["artifacts"][0]["details"]["minimum_deployment_target"] = "iOS16"
+    manifest_path.write_text(json.dumps(raw))
+    checks = coreml_checks(out)
+    assert [c.verdict for c in checks].count("mismatch") == 1
+    failures = CompatReport((), (), tuple(checks)).gate_failures()
+    assert failures == [f"coreml {raw['artifacts'][0]['file']}: needs iOS17 (spec 8), promised iOS16"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -39,6 +41,19 @@ VERDICTS = ("pass", "refused", "wrong")
 COREML_SPEC_MINIMUM_OS = {6: "iOS15", 7: "iOS16", 8: "iOS17", 9: "iOS18"}
 """Core ML specification version -> the first iOS that loads it (coremltools' `target` table)."""
 WORKER_TIMEOUT_S = 1800
+
+
+def describe_machine() -> str:
+    """OS, CPU model and core count: the runtimes' CPU kernels differ by instruction set."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()}, {model}, {os.cpu_count()} cores"
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,7 @@ class CompatReport:
     cells: tuple[Cell, ...]
     coreml: tuple[CoreMLCheck, ...] = ()
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    machine: str = field(default_factory=lambda: describe_machine())
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,6 +107,7 @@ class CompatReport:
             cells=tuple(Cell(**item) for item in raw["cells"]),
             coreml=tuple(CoreMLCheck(**item) for item in raw.get("coreml", [])),
             created=raw["created"],
+            machine=raw.get("machine", ""),
         )
 
     def gate_failures(self) -> list[str]:

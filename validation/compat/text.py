@@ -11,7 +11,9 @@ def compat_markdown(report: CompatReport) -> str:
     lines = [
         "# Runtime compatibility",
         "",
-        f"Made {report.created}. Each file's self-test vectors (`<stem>.selftest.npz`) in each runtime build, "
+        f"Made {report.created} on {report.machine} by `nox -s compat`.",
+        "",
+        "Each file's self-test vectors (`<stem>.selftest.npz`) in each runtime build, "
         "scored with the file's own tolerance from its manifest: **pass**; **refused** (a clear error at load "
         "or run: an app cannot ship it silently); **WRONG** (runs and misses its tolerance: never acceptable).",
         "",
