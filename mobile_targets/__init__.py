@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mobile_targets.base import Runner, Target
 from pipeline.errors import PipelineError
-from pipeline.manifest import ArtifactRecord, Manifest, verify_artifact
+from pipeline.manifest import ArtifactRecord, Manifest, verify_artifact, verify_travelling_files
 
 TARGET_MODULES = {
     "coreml": "mobile_targets.coreml.converter",
@@ -45,10 +45,11 @@ def load_artifact_runner(
     manifest_path: Path, manifest: Manifest, record: ArtifactRecord, threads: int | None, check_sha256: bool = True
 ) -> Runner:
     """One manifest record's file in its target's runtime, with the target options it was
-    converted with; first checked against its recorded sha256 unless `check_sha256` is False
-    (the selftest session runs the vectors whatever the hash says: that is the check a device
-    repeats, where no manifest travels)."""
+    converted with; first checked, with the files that travel with it (vectors, companions),
+    against the sha256s its manifest recorded unless `check_sha256` is False."""
     path = verify_artifact(manifest_path, record, check_sha256)
+    if check_sha256:
+        verify_travelling_files(manifest_path, record)
     contract = manifest.contract(record.part)
     options = manifest.config.get("target_options", {}).get(record.target, {})
     return get_target(record.target).with_options(options).load_runner(path, contract, threads=threads)

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import cached_property, partial
 from pathlib import Path
@@ -26,16 +27,19 @@ from pipeline.config import RunConfig
 from pipeline.contract import decoder_contract, encoder_contract, file_stem
 from pipeline.datasets import CocoPhotos, Photos
 from pipeline.errors import ArtifactError, ConfigError, one_line
-from pipeline.files import atomic_produce, atomic_write_bytes, sha256_file
+from pipeline.files import atomic_write_bytes, commit_files, recover_interrupted, sha256_file, staged_output
 from pipeline.gates import DEFAULT_GATES, selftest_tolerance
+from pipeline.locking import LOCK_NAME, folder_lock
 from pipeline.manifest import (
     MANIFEST_NAME,
     ArtifactRecord,
     ConversionFailure,
     Manifest,
     read_manifest,
+    recorded_files,
     same_weights,
     tool_versions,
+    travelling_files,
     verify_artifact,
 )
 from pipeline.metrics import max_abs_error, psnr_db, require_finite
@@ -267,39 +271,39 @@ def selftest_gate(runner: Runner, part: PartToConvert, precision: str) -> dict[s
 
 
 def convert_one(
-    target: Target, part: PartToConvert, precision: str, path: Path, expected: dict[str, np.ndarray]
+    target: Target, part: PartToConvert, precision: str, path: Path, expected: dict[str, np.ndarray], commit: Commit
 ) -> dict:
-    """Convert, gate against `expected` (`pytorch_outputs`) and self-test under temporary names;
-    then the file and its vectors replace the earlier ones together."""
+    """Convert, gate against `expected` (`pytorch_outputs`) and self-test into hidden staged files
+    beside `path`; then `commit` places the file, its vectors and companions and records them,
+    all together (`commit_files`: a failure on the way, a full disk, leaves the earlier ones)."""
     details: dict = {}
     vectors = selftest_path(path)
-    staged = {vectors: vectors.with_name(f".{vectors.name}.staged")}
-
-    def produce(temporary: Path) -> None:
+    with staged_output(path) as temporary:
         start = time.perf_counter()
         details.update(target.convert_part(part, precision, temporary))
         details["conversion_seconds"] = round(time.perf_counter() - start, 2)
         runner = target.load_runner(temporary, part.contract)
         details["gate"] = parity_gate(runner, part, precision, expected)
         details["selftest"] = {"file": vectors.name, **selftest_gate(runner, part, precision)}
-        write_vectors(staged[vectors], list(part.selftest))
-        details["selftest"]["sha256"] = sha256_file(staged[vectors])
+        moves = {path: temporary}
+        staged_vectors = temporary.with_name(vectors.name)
+        write_vectors(staged_vectors, list(part.selftest))
+        details["selftest"]["sha256"] = sha256_file(staged_vectors)
+        moves[vectors] = staged_vectors
         for companion in target.companion_files(temporary, part):
-            final = path.with_name(companion.name)
-            staged[final] = final.with_name(f".{final.name}.staged")
-            atomic_write_bytes(staged[final], companion.content)
+            staged = temporary.with_name(companion.name)
+            atomic_write_bytes(staged, companion.content)
+            moves[path.with_name(companion.name)] = staged
             details.setdefault("companions", []).append(
-                {"file": companion.name, "sha256": sha256_file(staged[final]), **companion.details}
+                {"file": companion.name, "sha256": sha256_file(staged), **companion.details}
             )
-
-    try:
-        atomic_produce(path, produce)
-        for final, temporary in staged.items():
-            os.replace(temporary, final)
-    finally:
-        for temporary in staged.values():
-            temporary.unlink(missing_ok=True)
+        del runner  # the runtime may map the staged file; it is renamed next
+        commit(path, temporary, details, moves)
     return details
+
+
+Commit = Callable[[Path, Path, dict, dict[Path, Path]], None]
+"""(final path, staged file, its details, final -> staged for everything that travels with it)."""
 
 
 class ManifestKeeper:
@@ -352,11 +356,13 @@ class ManifestKeeper:
         folder = self.out / "superseded" / earlier.created.replace(":", "-")
         folder.mkdir(parents=True, exist_ok=True)
         for record in earlier.artifacts:
-            source = self.out / record.file
-            if source.exists() and ".." not in Path(record.file).parts:
-                (folder / record.file).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(source, folder / record.file)
+            for name in (record.file, *travelling_files(record)):
+                source = self.out / name
+                if source.exists() and ".." not in Path(name).parts and not Path(name).is_absolute():
+                    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(source, folder / name)
         os.replace(self.out / MANIFEST_NAME, folder / MANIFEST_NAME)
+        self.write()  # the folder always has a manifest: now an empty one for this run
         log.warning(
             "%s held files of other weights or another N (%s); moved them to %s",
             self.out,
@@ -369,6 +375,29 @@ class ManifestKeeper:
         self.failures.pop((record.part, record.precision), None)
         self.not_made.pop((record.part, record.precision), None)
         self.write()
+
+    def commit(self, record: ArtifactRecord, moves: dict[Path, Path]) -> None:
+        """Place a staged file with what travels with it and record it: both or neither (a
+        manifest that cannot be written puts the earlier files and record back)."""
+        earlier = (
+            self.records.get((record.part, record.precision)),
+            self.failures.get((record.part, record.precision)),
+            self.not_made.get((record.part, record.precision)),
+        )
+
+        def record_it() -> None:
+            try:
+                self.add(record)
+            except BaseException:
+                key = (record.part, record.precision)
+                for table, value in zip((self.records, self.failures, self.not_made), earlier, strict=True):
+                    if value is None:
+                        table.pop(key, None)
+                    else:
+                        table[key] = value
+                raise
+
+        commit_files(moves, record_it)
 
     def leave_out(self, part: str, precision: str, reason: str) -> None:
         """An optional file (or one of MADE_WHERE_GATE_HOLDS) that missed its gate this time (an
@@ -407,19 +436,59 @@ def convert_target(target_name: str, config: RunConfig, photos: Photos | None = 
             f"(supported: {', '.join(target.precisions)})"
         )
     sam, weights = load_model(config.model_type, config.checkpoint, config.weights_seed)
-    photos = photos or CocoPhotos.sample("calibration")
-    parts = build_parts(config, sam, photos)
-    parts = [replace(part, weights_description=weights.describe()) for part in parts]
     out = Path(config.out_dir) / target.name
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, exclusive=True, purpose=f"a convert run ({target.name})"):
+        for line in recover_interrupted(out, _recorded_in(out), keep=(LOCK_NAME,)):
+            log.warning("%s: %s", out, line)
+        photos = photos or CocoPhotos.sample("calibration")
+        parts = build_parts(config, sam, photos)
+        parts = [replace(part, weights_description=weights.describe()) for part in parts]
+        return _convert_parts(target, config, parts, precisions, weights, out)
+
+
+def _recorded_in(out: Path) -> dict[str, str]:
+    """name -> sha256 of every file the folder's manifest lists (none if there is no readable one)."""
+    try:
+        return recorded_files(read_manifest(out / MANIFEST_NAME))
+    except ArtifactError:
+        return {}
+
+
+def _convert_parts(
+    target: Target,
+    config: RunConfig,
+    parts: list[PartToConvert],
+    precisions: list[str],
+    weights: WeightsSource,
+    out: Path,
+) -> Path:
+    """Every part in every precision into `out` (locked by the caller), the manifest kept in step."""
     keeper = ManifestKeeper(out, target, weights, config)
     for part in parts:
         expected = None  # PyTorch's answer, the same for every precision of the part
         for precision in precisions:
             path = out / f"{file_stem(part.contract)}_{precision}{target.extension}"
             log.info("converting %s to %s %s", part.name, target.name, precision)
+
+            def commit(
+                final: Path, staged: Path, details: dict, moves: dict[Path, Path], part=part, precision=precision
+            ):
+                record = ArtifactRecord.describe_file(
+                    final,
+                    out,
+                    content=staged,
+                    part=part.name,
+                    target=target.name,
+                    precision=precision,
+                    contract=part.contract.to_json(),
+                    details=details,
+                )
+                keeper.commit(record, moves)
+
             try:
                 expected = pytorch_outputs(part) if expected is None else expected
-                details = convert_one(target, part, precision, path, expected)
+                details = convert_one(target, part, precision, path, expected, commit)
             except Exception as error:  # any converter failure: keep going, keep the earlier file
                 message = one_line(error)
                 if (part.optional or precision in MADE_WHERE_GATE_HOLDS) and isinstance(error, GateMiss):
@@ -431,16 +500,7 @@ def convert_target(target_name: str, config: RunConfig, photos: Photos | None = 
                 print(f"FAILED {target.name} {part.name} {precision}: {message}{kept}", file=sys.stderr)
                 keeper.fail(part.name, precision, message)
                 continue
-            record = ArtifactRecord.describe_file(
-                path,
-                out,
-                part=part.name,
-                target=target.name,
-                precision=precision,
-                contract=part.contract.to_json(),
-                details=details,
-            )
-            keeper.add(record)
+            record = keeper.records[(part.name, precision)]
             worst = min(v["psnr_db"] for v in details["gate"].values())
             print(
                 f"wrote {path} ({record.bytes / 1e6:.1f} MB, {details['conversion_seconds']:.1f} s, "

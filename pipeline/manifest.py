@@ -45,8 +45,13 @@ class ArtifactRecord:
     details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def describe_file(cls, path: Path, root: Path, **fields: Any) -> ArtifactRecord:
-        return cls(file=str(Path(path).relative_to(root)), sha256=sha256_file(path), bytes=size_bytes(path), **fields)
+    def describe_file(cls, path: Path, root: Path, content: Path | None = None, **fields: Any) -> ArtifactRecord:
+        """The record of `path` (relative to `root`); hash and size read from `content` when the
+        file is still staged elsewhere."""
+        content = Path(content or path)
+        return cls(
+            file=str(Path(path).relative_to(root)), sha256=sha256_file(content), bytes=size_bytes(content), **fields
+        )
 
 
 @dataclass(frozen=True)
@@ -144,3 +149,43 @@ def verify_artifact(manifest_path: Path, record: ArtifactRecord, check_sha256: b
             f"(sha256 {digest[:12]} vs manifest {record.sha256[:12]})"
         )
     return path
+
+
+def travelling_files(record: ArtifactRecord) -> dict[str, str | None]:
+    """The files that travel with a record's file, by name relative to the manifest's folder:
+    its self-test vectors and its companions (ExecuTorch's BundledProgram), each with the sha256
+    the manifest recorded (None when it recorded none)."""
+    files: dict[str, str | None] = {}
+    selftest = record.details.get("selftest")
+    if isinstance(selftest, dict) and selftest.get("file"):
+        files[str(selftest["file"])] = selftest.get("sha256")
+    for companion in record.details.get("companions", []):
+        files[str(companion["file"])] = companion.get("sha256")
+    return files
+
+
+def recorded_files(manifest: Manifest) -> dict[str, str]:
+    """Every file the manifest lists (artifacts and what travels with them) -> its sha256."""
+    recorded: dict[str, str] = {}
+    for record in manifest.artifacts:
+        recorded[record.file] = record.sha256
+        recorded.update({name: digest for name, digest in travelling_files(record).items() if digest})
+    return recorded
+
+
+def verify_travelling_files(manifest_path: Path, record: ArtifactRecord) -> None:
+    """Each file that travels with the record's file is there and is what the manifest recorded:
+    a vectors file of another run or a damaged one is one line, never trusted."""
+    folder = Path(manifest_path).parent
+    for name, digest in travelling_files(record).items():
+        path = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ArtifactError(f"{manifest_path}: {name!r} leaves the manifest's folder")
+        if not path.is_file():
+            vectors = name == record.details.get("selftest", {}).get("file")
+            raise ArtifactError(f"{'self-test vectors' if vectors else 'companion file'} not found: {path}")
+        if digest and sha256_file(path) != digest:
+            raise ArtifactError(
+                f"{path} is not the file converted with {record.file} (sha256 {sha256_file(path)[:12]} vs "
+                f"manifest {digest[:12]}): a damaged file, or one of another run"
+            )

@@ -95,8 +95,10 @@ def read_vectors(path: Path, kinds: list[str], contract: PartContract) -> list[S
             arrays = {key: archive[key] for key in archive.files}
     except FileNotFoundError:
         raise ArtifactError(f"self-test vectors not found: {path}") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise ArtifactError(f"{path} is not a self-test npz: {error}") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        raise ArtifactError(
+            f"{path} is not a self-test vectors file (expected an npz of float32 arrays written by the convert stage)"
+        ) from None
     cases: dict[int, dict[str, dict[str, np.ndarray]]] = {}
     for key, value in arrays.items():
         match = _KEY.match(key)

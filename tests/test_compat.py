@@ -123,7 +123,9 @@ def test_matrix_refuses_damaged_vectors_and_changed_files(tflite_converted, tmp_
     report = build_matrix(out, [runtime_spec(QUICK_RUNTIMES[0])])
     cells = {c.file: c for c in report.cells}
     assert cells["prompt_decoder_fp32.tflite"].verdict == "refused"
-    assert "prompt_decoder_fp32.selftest.npz changed since conversion" in cells["prompt_decoder_fp32.tflite"].detail
+    assert "prompt_decoder_fp32.selftest.npz is not the file converted with prompt_decoder_fp32.tflite" in (
+        cells["prompt_decoder_fp32.tflite"].detail
+    )
     assert cells["image_encoder_fp32.tflite"].verdict == "refused"
     assert "changed since conversion" in cells["image_encoder_fp32.tflite"].detail
     assert cells["image_encoder_fp16.tflite"].verdict == "pass"

@@ -4,12 +4,14 @@ weight of the file is changed."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
 
 from pipeline.checkpoints import load_model
 from pipeline.datasets import CocoPhotos
+from pipeline.files import sha256_file
 from pipeline.gates import DEFAULT_GATES, selftest_tolerance
 from pipeline.manifest import read_manifest
 from pipeline.predictor import ReferencePredictor
@@ -58,7 +60,18 @@ def test_selftest_passes_on_fresh_files_and_fails_on_one_changed_weight(coreml_f
     status, stdout, _ = run_stage("validation.selftest", "--out", coreml_fp32, capsys=capsys, monkeypatch=monkeypatch)
     assert status == 0 and stdout.count("pass coreml") == 3, stdout
     damaged = shutil.copytree(coreml_fp32, tmp_path / "out")
-    set_coreml_weights(damaged / "coreml" / "image_encoder_fp32.mlpackage", 10.0, count=1)  # one weight of millions
+    package = damaged / "coreml" / "image_encoder_fp32.mlpackage"
+    set_coreml_weights(package, 10.0, count=1)  # one weight of millions
+    status, stdout, stderr = run_stage("validation.selftest", "--out", damaged, capsys=capsys, monkeypatch=monkeypatch)
+    (failed,) = [line for line in stderr.splitlines() if line.startswith("FAILED: ")]
+    assert status == 1 and "coreml image_encoder fp32" in failed and "changed since conversion" in failed
+    # where no manifest travels (a device), the vectors alone catch it: record the damaged file's hash
+    manifest_path = damaged / "coreml" / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    for item in raw["artifacts"]:
+        if item["file"] == package.name:
+            item["sha256"] = sha256_file(package)
+    manifest_path.write_text(json.dumps(raw))
     status, stdout, stderr = run_stage("validation.selftest", "--out", damaged, capsys=capsys, monkeypatch=monkeypatch)
     assert status == 1
     (failed,) = [line for line in stderr.splitlines() if line.startswith("FAILED: ")]

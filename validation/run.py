@@ -31,6 +31,7 @@ from pipeline.contract import (
 )
 from pipeline.datasets import Photos
 from pipeline.errors import PipelineError, one_line
+from pipeline.locking import reading
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
 from pipeline.predictor import BatchedDecoder, NamedRunner, ReferencePredictor, stack_prompts
 from pipeline.threads import torch_threads
@@ -263,7 +264,10 @@ def validate_run(
         )
     for image_id in photos.image_ids()[: settings.max_images]:
         photos.image(image_id)  # a photo that cannot be read is the whole stage's bad input: one line, exit 2
-    with torch_threads(settings.threads):  # restored after: later PyTorch results in this process stay the same
+    with (
+        reading([m.parent for m in manifests], "a validate run"),
+        torch_threads(settings.threads),
+    ):  # restored after: later PyTorch results in this process stay the same
         gates = gates or DEFAULT_GATES
         teacher_predictor = None
         if teacher is not None:  # bad teacher input is the whole stage's: one line, exit 2

@@ -15,7 +15,7 @@ from pathlib import Path
 from mobile_targets import get_target, load_artifact_runner
 from pipeline.cli import exit_status, run_main, setup_logging
 from pipeline.errors import PipelineError, one_line
-from pipeline.files import sha256_file
+from pipeline.locking import reading
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
 from pipeline.selftest import Tolerance, read_vectors, run_vectors
 
@@ -35,11 +35,13 @@ def selftest_artifact(manifest_path: Path, manifest: Manifest, record: ArtifactR
         return SelftestOutcome(name, False, "no self-test vectors in the manifest (converted before they existed?)")
     try:
         contract = manifest.contract(record.part)
+        runner = load_artifact_runner(manifest_path, manifest, record, threads)  # file and vectors as recorded
         cases = read_vectors(manifest_path.parent / info["file"], info["cases"], contract)
-        runner = load_artifact_runner(manifest_path, manifest, record, threads, check_sha256=False)
         tolerance = Tolerance(**info["tolerance"])
         results = run_vectors(runner, cases, tolerance)
-        companions = [verify_companion(manifest_path, record, item) for item in record.details.get("companions", [])]
+        target = get_target(record.target)
+        folder = manifest_path.parent
+        companions = [target.verify_companion(folder / c["file"], c) for c in record.details.get("companions", [])]
     except Exception as error:  # one file's failure never stops the others
         return SelftestOutcome(name, False, one_line(error))
     misses = [miss for result in results for miss in result.misses]
@@ -55,30 +57,20 @@ def selftest_artifact(manifest_path: Path, manifest: Manifest, record: ArtifactR
     return SelftestOutcome(name, True, "; ".join([summary, *companions]))
 
 
-def verify_companion(manifest_path: Path, record: ArtifactRecord, item: dict) -> str:
-    """A companion file (ExecuTorch's BundledProgram) against its recorded sha256, then checked by
-    its target's runtime."""
-    path = manifest_path.parent / item["file"]
-    if not path.is_file():
-        raise PipelineError(f"companion file missing: {path}")
-    if sha256_file(path) != item["sha256"]:
-        raise PipelineError(f"{path} changed since conversion (sha256 differs from the manifest's)")
-    return get_target(record.target).verify_companion(path, item)
-
-
 def selftest_folder(out: Path, threads: int = 2) -> list[SelftestOutcome]:
     manifests = find_manifests(out)
     if not manifests:
         raise PipelineError(f"no manifests under {out}; run a convert session first")
-    outcomes = []
-    for manifest_path in manifests:
-        try:
-            manifest = read_manifest(manifest_path)
-        except PipelineError as error:
-            outcomes.append(SelftestOutcome(manifest_path.parent.name, False, str(error)))
-            continue
-        outcomes += [selftest_artifact(manifest_path, manifest, record, threads) for record in manifest.artifacts]
-    return outcomes
+    with reading([m.parent for m in manifests], "a selftest run"):
+        return [outcome for manifest_path in manifests for outcome in _selftest_manifest(manifest_path, threads)]
+
+
+def _selftest_manifest(manifest_path: Path, threads: int) -> list[SelftestOutcome]:
+    try:
+        manifest = read_manifest(manifest_path)
+    except PipelineError as error:
+        return [SelftestOutcome(manifest_path.parent.name, False, str(error))]
+    return [selftest_artifact(manifest_path, manifest, record, threads) for record in manifest.artifacts]
 
 
 def main() -> int:

@@ -23,8 +23,16 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError, one_line
-from pipeline.files import atomic_write_bytes, atomic_write_json, sha256_file
-from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest, verify_artifact
+from pipeline.files import atomic_write_bytes, atomic_write_json
+from pipeline.locking import folder_lock, reading
+from pipeline.manifest import (
+    ArtifactRecord,
+    Manifest,
+    find_manifests,
+    read_manifest,
+    verify_artifact,
+    verify_travelling_files,
+)
 from pipeline.selftest import Tolerance, check_case, read_vectors
 from validation.compat.runtimes import (
     PACKAGES,
@@ -225,6 +233,11 @@ def build_matrix(out: Path, runtimes: list[RuntimeSpec]) -> CompatReport:
     manifests = find_manifests(out)
     if not manifests:
         raise PipelineError(f"no manifests under {out}; run a convert session first")
+    with reading([m.parent for m in manifests], "a compat run"):
+        return _build_matrix(out, manifests, runtimes)
+
+
+def _build_matrix(out: Path, manifests: list[Path], runtimes: list[RuntimeSpec]) -> CompatReport:
     records: list[tuple[Path, Manifest, ArtifactRecord]] = []
     cells: list[Cell] = []
     for manifest_path in manifests:
@@ -247,27 +260,16 @@ def build_matrix(out: Path, runtimes: list[RuntimeSpec]) -> CompatReport:
             log.info("%s %s in %s", record.target, record.file, spec.name)
             try:
                 path = verify_artifact(manifest_path, record)
-                vectors = _verified_vectors(manifest_path, record)
+                verify_travelling_files(manifest_path, record)
+                if "selftest" not in record.details:
+                    raise PipelineError(f"{record.file}: no self-test vectors in the manifest")
+                vectors = manifest_path.parent / record.details["selftest"]["file"]
                 cells.append(run_in_runtime(spec, python, path, record, manifest, vectors))
             except PipelineError as error:
                 cells.append(
                     Cell(record.target, record.file, record.part, record.precision, spec.name, "refused", str(error))
                 )
     return CompatReport(tuple(columns), tuple(cells), tuple(coreml_checks(out)))
-
-
-def _verified_vectors(manifest_path: Path, record: ArtifactRecord) -> Path:
-    """The record's self-test vectors, checked against the sha256 the manifest recorded."""
-    info = record.details.get("selftest")
-    if not info:
-        raise PipelineError(f"{record.file}: no self-test vectors in the manifest")
-    vectors = manifest_path.parent / info["file"]
-    if not vectors.is_file():
-        raise PipelineError(f"{record.file}: self-test vectors missing: {vectors}")
-    recorded = info.get("sha256")
-    if recorded and sha256_file(vectors) != recorded:
-        raise PipelineError(f"{vectors} changed since conversion (sha256 differs from the manifest's)")
-    return vectors
 
 
 def runtime_summary(report: CompatReport, file: str, target: str) -> dict[str, list[str]]:
@@ -283,15 +285,16 @@ def record_in_manifests(out: Path, report: CompatReport) -> None:
     """Each manifest record gets `details.runtimes`: where its file was proven (pass), refused and
     wrong, so an app team picks the file for the runtime it ships from the manifest alone."""
     for manifest_path in find_manifests(out):
-        raw = json.loads(manifest_path.read_text())
-        changed = False
-        for item in raw.get("artifacts", []):
-            summary = runtime_summary(report, item["file"], item["target"])
-            if any(summary.values()):
-                item.setdefault("details", {})["runtimes"] = {**summary, "checked": report.created}
-                changed = True
-        if changed:
-            atomic_write_json(manifest_path, raw)
+        with folder_lock(manifest_path.parent, exclusive=True, purpose="a compat run recording its matrix"):
+            raw = json.loads(manifest_path.read_text())
+            changed = False
+            for item in raw.get("artifacts", []):
+                summary = runtime_summary(report, item["file"], item["target"])
+                if any(summary.values()):
+                    item.setdefault("details", {})["runtimes"] = {**summary, "checked": report.created}
+                    changed = True
+            if changed:
+                atomic_write_json(manifest_path, raw)
 
 
 def write_report(out: Path, report: CompatReport) -> list[Path]:
