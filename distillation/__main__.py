@@ -118,6 +118,8 @@ def main() -> int:
             f"teacher cache {cache.folder}: {cache.computed} computed, {cache.reused} reused in {cache.seconds:.1f} s "
             f"by {cache.world_size} process(es) ({cache.images_per_second:.2f} images/s)"
         )
+        for work in cache.ranks:
+            print(f"  rank {work.rank}: {work.photos} photos embedded, busy {work.busy_seconds:.1f} s")
     if args.command == "cache":
         if world.is_main:
             atomic_write_json(out / "cache_report.json", cache.to_json())

@@ -12,9 +12,13 @@ Which photos share a shard is decided by the photos' keys, not their positions (
 chunking: a shard ends after a key whose digest is 0 modulo `shard_size`), so inserting a photo
 changes the one shard it falls in and no other.
 
-Under torchrun every rank checks, then embeds, a disjoint share of the shards; rank 0 merges the
-records. Each shard's sha256 is computed once when written and checked once per job (by one rank)
-when a run resumes, or on demand with `python -m distillation verify`; training then reads
+Under torchrun every rank checks a share of the shards, then embeds an even share of the
+**photos** that are missing (`photo_shares`: contiguous ranges of the shards' rows, within one
+photo of each other, whatever the shard sizes). A shard that falls whole in one rank's range is
+written by that rank; one split between ranks is written by each as a piece
+(`<shard>.rows<a>-<b>.safetensors`) and joined by one rank; rank 0 merges the records. Each
+shard's sha256 is computed once when written and checked once per job (by one rank) when a run
+resumes, or on demand with `python -m distillation verify`; training then reads
 embeddings row by row from the memory-mapped shards without hashing them again.
 """
 
@@ -67,12 +71,26 @@ class ShardRecord:
 
 
 @dataclass(frozen=True)
+class RankWork:
+    """What one rank did: the photos it embedded and the seconds it was busy (embedding, writing
+    and joining), so an imbalance between ranks shows in the report."""
+
+    rank: int
+    photos: int
+    busy_seconds: float
+
+    def to_json(self) -> dict:
+        return {"rank": self.rank, "photos": self.photos, "busy_seconds": round(self.busy_seconds, 3)}
+
+
+@dataclass(frozen=True)
 class CacheResult:
     folder: Path
     computed: int
     reused: int
     seconds: float
     world_size: int = 1
+    ranks: tuple[RankWork, ...] = ()
 
     @property
     def images_per_second(self) -> float:
@@ -86,6 +104,7 @@ class CacheResult:
             "seconds": self.seconds,
             "world_size": self.world_size,
             "images_per_second": self.images_per_second,
+            "ranks": [work.to_json() for work in self.ranks],
         }
 
 
@@ -127,6 +146,34 @@ def share_of(sizes: list[int], rank: int, world_size: int) -> list[int]:
     return [i for i, r in enumerate(owner) if r == rank]
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Rows `start`..`stop` of shard `shard` (an index into the planned shards)."""
+
+    shard: int
+    start: int
+    stop: int
+
+
+def photo_shares(sizes: list[int], world_size: int) -> list[list[Piece]]:
+    """Each rank's contiguous range of the shards' rows, in order, as pieces of shards: the ranges
+    hold `total * r // world_size` ... photos, so no two ranks differ by more than one photo,
+    whatever the shard sizes. A pure function of the sizes, the same on every rank."""
+    total = sum(sizes)
+    bounds = [total * rank // world_size for rank in range(world_size + 1)]
+    shares: list[list[Piece]] = []
+    for rank in range(world_size):
+        low, high = bounds[rank], bounds[rank + 1]
+        pieces, offset = [], 0
+        for shard, size in enumerate(sizes):
+            start, stop = max(low, offset), min(high, offset + size)
+            if start < stop:
+                pieces.append(Piece(shard, start - offset, stop - offset))
+            offset += size
+        shares.append(pieces)
+    return shares
+
+
 def _record_if_intact(folder: Path, keys: tuple[str, ...], identity: dict) -> ShardRecord | None:
     """The shard's record when its file is there, made by this teacher and setting, for exactly these
     keys, and its bytes still hash to the sha256 recorded when it was written."""
@@ -160,6 +207,45 @@ def _write_shard(folder: Path, keys: tuple[str, ...], embeddings: torch.Tensor, 
     return record
 
 
+PIECE_GLOB = "shard_*.rows*.safetensors"
+
+
+def _write_piece(folder: Path, keys: tuple[str, ...], piece: Piece, embeddings: torch.Tensor, identity: dict) -> str:
+    """Rows of a shard split between ranks, for `_join_pieces`; named by the shard and the rows."""
+    name = f"{shard_stem(keys)}.rows{piece.start}-{piece.stop}.safetensors"
+    rows = list(keys[piece.start : piece.stop])
+    data = safetensors_bytes(
+        {"embeddings": embeddings.contiguous()},
+        metadata={METADATA_KEY: json.dumps({"keys": rows, "identity": identity})},
+    )
+    atomic_write_bytes(folder / name, data)
+    return name
+
+
+def _join_pieces(folder: Path, keys: tuple[str, ...], pieces: list[tuple[int, str]], identity: dict) -> ShardRecord:
+    """One shard from its pieces (rows in order, every row once), then the pieces are removed."""
+    tensors = []
+    expected = 0
+    for start, name in pieces:
+        with safe_open(str(folder / name), framework="pt") as handle:
+            metadata = json.loads(handle.metadata()[METADATA_KEY])
+            part = handle.get_tensor("embeddings")
+        if (
+            start != expected
+            or metadata["identity"] != identity
+            or metadata["keys"] != list(keys[start : start + len(part)])
+        ):
+            raise PipelineError(f"teacher cache piece {name} does not continue its shard at row {expected}")
+        tensors.append(part)
+        expected += len(part)
+    if expected != len(keys):
+        raise PipelineError(f"teacher cache shard {shard_stem(keys)}: pieces hold {expected} of {len(keys)} rows")
+    record = _write_shard(folder, keys, torch.cat(tensors), identity)
+    for _, name in pieces:
+        (folder / name).unlink(missing_ok=True)
+    return record
+
+
 def build_teacher_cache(
     teacher_encoder: torch.nn.Module,
     teacher_description: str,
@@ -186,6 +272,10 @@ def build_teacher_cache(
     by_key = {source.key: source for source in sources}
     planned = plan_shards([source.key for source in sources], shard_size)
 
+    if rank == 0:  # pieces of a killed run: their shard is redone whole or in new pieces
+        for stale in folder.glob(PIECE_GLOB):
+            stale.unlink(missing_ok=True)
+
     # 1. each rank checks its share of the shards an earlier run may have left
     checked = share_of([len(keys) for keys in planned], rank, world_size)
     mine = {i: _record_if_intact(folder, planned[i], identity) for i in checked}
@@ -193,26 +283,46 @@ def build_teacher_cache(
     for part in gather({i: r for i, r in mine.items() if r is not None}):
         found.update(part)
 
-    # 2. the missing shards, balanced again over the ranks, are embedded
+    # 2. the missing photos, an even share per rank whatever the shard sizes, are embedded
     missing = [i for i in range(len(planned)) if i not in found]
-    assigned = [missing[j] for j in share_of([len(planned[i]) for i in missing], rank, world_size)]
-    todo = sum(len(planned[i]) for i in assigned)
+    busy_start = time.perf_counter()
+    pieces = [
+        Piece(missing[piece.shard], piece.start, piece.stop)
+        for piece in photo_shares([len(planned[i]) for i in missing], world_size)[rank]
+    ]
+    todo = sum(piece.stop - piece.start for piece in pieces)
     progress = tqdm(total=todo, desc=f"teacher embeddings (rank {rank})", unit="img", dynamic_ncols=True)
     teacher_encoder = teacher_encoder.to(device).eval()
     written: dict[int, ShardRecord] = {}
-    for number in assigned:
-        keys = planned[number]
+    split: dict[int, list[tuple[int, str]]] = {}
+    for piece in pieces:
+        keys = planned[piece.shard]
         embeddings = []
-        for offset in range(0, len(keys), batch_size):
-            chunk = keys[offset : offset + batch_size]
+        # batches on the shard's own grid of `batch_size` rows, cut only where a rank's range starts or ends
+        for offset in range(piece.start - piece.start % batch_size, piece.stop, batch_size):
+            chunk = keys[max(offset, piece.start) : min(offset + batch_size, piece.stop)]
             batch = torch.stack([prepare_for_encoder(by_key[key].read_rgb(), image_size) for key in chunk])
             with torch.no_grad():
                 embeddings.append(teacher_encoder(batch.to(device)).to("cpu", getattr(torch, dtype)))
             progress.update(len(chunk))
-        written[number] = _write_shard(folder, keys, torch.cat(embeddings), identity)
+        if (piece.start, piece.stop) == (0, len(keys)):
+            written[piece.shard] = _write_shard(folder, keys, torch.cat(embeddings), identity)
+        else:
+            split[piece.shard] = [(piece.start, _write_piece(folder, keys, piece, torch.cat(embeddings), identity))]
     progress.close()
-    for part in gather(written):
-        found.update(part)
+    joined: dict[int, list[tuple[int, str]]] = {}
+    for part in gather(split):
+        for shard, files in part.items():
+            joined.setdefault(shard, []).extend(files)
+    # each split shard is joined by one rank, the shards balanced over the ranks
+    split_shards = sorted(joined)
+    for j in share_of([len(planned[i]) for i in split_shards], rank, world_size):
+        shard = split_shards[j]
+        written[shard] = _join_pieces(folder, planned[shard], sorted(joined[shard]), identity)
+    mine = RankWork(rank, todo, time.perf_counter() - busy_start)
+    for part in gather((written, mine)):
+        found.update(part[0])
+    ranks = tuple(part[1] for part in gather(mine))
 
     # 3. one merged index, in the photos' order
     if rank == 0:
@@ -220,7 +330,8 @@ def build_teacher_cache(
         atomic_write_json(folder / INDEX_NAME, {"identity": identity, "shards": records})
     gather(None)  # nobody reads the index before it is written
     computed = sum(len(planned[i]) for i in missing)
-    return CacheResult(folder, computed, len(sources) - computed, time.perf_counter() - start, world_size)
+    elapsed = time.perf_counter() - start
+    return CacheResult(folder, computed, len(sources) - computed, elapsed, world_size, ranks)
 
 
 def read_index(folder: Path) -> tuple[dict, list[ShardRecord]]:

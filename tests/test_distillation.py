@@ -26,6 +26,7 @@ from distillation.teacher_cache import (
     INDEX_NAME,
     build_teacher_cache,
     load_teacher_cache,
+    photo_shares,
     plan_shards,
     share_of,
     verify_teacher_cache,
@@ -182,6 +183,48 @@ def test_two_ranks_build_the_same_cache_as_one(tmp_path, config_file, shared_cac
     for key in one:
         assert torch.equal(two[key], one[key]), key
     assert "every shard matches" in _distill(config_file, tmp_path / "out", tmp_path / "cache", command="verify")
+
+
+def test_photo_shares_are_even_whatever_the_shard_sizes():
+    """Every row of every shard once, in order; ranks within one photo of each other."""
+    for sizes, world_size in (([107, 18], 2), ([5, 1, 3, 8, 2, 2, 7], 3), ([1], 2), ([40], 4), ([], 2)):
+        shares = photo_shares(sizes, world_size)
+        rows = [(p.shard, row) for share in shares for p in share for row in range(p.start, p.stop)]
+        assert rows == [(shard, row) for shard, size in enumerate(sizes) for row in range(size)]
+        counts = [sum(p.stop - p.start for p in share) for share in shares]
+        assert max(counts) - min(counts) <= 1, (sizes, counts)
+
+
+def test_two_ranks_share_unequal_shards_evenly(tmp_path, config_file, image_folder):
+    """36 photos (the 12, under three names each) cut into shards of very unequal sizes: under
+    torchrun each of 2 ranks embeds half the photos (a shard split between them is written in
+    pieces and joined), and the index and every embedding equal one rank's, bit for bit."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photos = sorted(image_folder.iterdir())
+    for number in range(36):
+        (folder / f"photo_{number:03d}.jpg").symlink_to(photos[number % len(photos)].resolve())
+    keys = sorted(p.name for p in folder.iterdir())
+    shard_size, sizes = next(
+        (size, [len(s) for s in plan_shards(keys, size)])
+        for size in range(2, 20)
+        if len(plan_shards(keys, size)) >= 2
+        and max(map(len, plan_shards(keys, size))) >= 4 * min(map(len, plan_shards(keys, size)))
+    )
+    options = ("--images", str(folder), "--shard-size", str(shard_size))
+    _distill(config_file, tmp_path / "one", tmp_path / "cache_one", *options, command="cache")
+    output = _distill(config_file, tmp_path / "two", tmp_path / "cache_two", *options, processes=2, command="cache")
+    report = json.loads((tmp_path / "two" / "cache_report.json").read_text())
+    photos_per_rank = [work["photos"] for work in report["ranks"]]
+    assert sorted(photos_per_rank) == [18, 18], (sizes, photos_per_rank)
+    assert all(work["busy_seconds"] > 0 for work in report["ranks"])
+    assert "rank 1: 18 photos embedded" in output
+    assert (tmp_path / "cache_two" / INDEX_NAME).read_text() == (tmp_path / "cache_one" / INDEX_NAME).read_text()
+    two, one = load_teacher_cache(tmp_path / "cache_two"), load_teacher_cache(tmp_path / "cache_one")
+    for key in one:
+        assert torch.equal(two[key], one[key]), key
+    assert not list((tmp_path / "cache_two").glob("*.rows*"))  # the pieces were joined and removed
+    assert "every shard matches" in _distill(config_file, tmp_path / "two", tmp_path / "cache_two", command="verify")
 
 
 def test_shares_are_disjoint_and_balanced():
