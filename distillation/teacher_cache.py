@@ -78,9 +78,17 @@ class RankWork:
     rank: int
     photos: int
     busy_seconds: float
+    extra: int = 0
+    """Rows computed and dropped: a batch cell cut by this rank's range is computed whole (at most
+    `batch_size - 1` rows at each end of the range), so every batch is the one a single rank runs."""
 
     def to_json(self) -> dict:
-        return {"rank": self.rank, "photos": self.photos, "busy_seconds": round(self.busy_seconds, 3)}
+        return {
+            "rank": self.rank,
+            "photos": self.photos,
+            "busy_seconds": round(self.busy_seconds, 3),
+            "extra_rows": self.extra,
+        }
 
 
 @dataclass(frozen=True)
@@ -295,16 +303,22 @@ def build_teacher_cache(
     teacher_encoder = teacher_encoder.to(device).eval()
     written: dict[int, ShardRecord] = {}
     split: dict[int, list[tuple[int, str]]] = {}
+    extra = 0
     for piece in pieces:
         keys = planned[piece.shard]
         embeddings = []
-        # batches on the shard's own grid of `batch_size` rows, cut only where a rank's range starts or ends
+        # every batch is a cell of the shard's own grid of `batch_size` rows, whichever rank computes
+        # it: a photo's embedding can depend on its batch's size (the GEMM kernels differ), so a rank
+        # whose range cuts a cell computes the whole cell and keeps its rows (`RankWork.extra`)
         for offset in range(piece.start - piece.start % batch_size, piece.stop, batch_size):
-            chunk = keys[max(offset, piece.start) : min(offset + batch_size, piece.stop)]
-            batch = torch.stack([prepare_for_encoder(by_key[key].read_rgb(), image_size) for key in chunk])
+            cell = keys[offset : offset + batch_size]
+            batch = torch.stack([prepare_for_encoder(by_key[key].read_rgb(), image_size) for key in cell])
             with torch.no_grad():
-                embeddings.append(teacher_encoder(batch.to(device)).to("cpu", getattr(torch, dtype)))
-            progress.update(len(chunk))
+                result = teacher_encoder(batch.to(device)).to("cpu", getattr(torch, dtype))
+            kept = slice(max(piece.start - offset, 0), min(piece.stop - offset, len(cell)))
+            embeddings.append(result[kept])
+            extra += len(cell) - (kept.stop - kept.start)
+            progress.update(kept.stop - kept.start)
         if (piece.start, piece.stop) == (0, len(keys)):
             written[piece.shard] = _write_shard(folder, keys, torch.cat(embeddings), identity)
         else:
@@ -319,10 +333,11 @@ def build_teacher_cache(
     for j in share_of([len(planned[i]) for i in split_shards], rank, world_size):
         shard = split_shards[j]
         written[shard] = _join_pieces(folder, planned[shard], sorted(joined[shard]), identity)
-    mine = RankWork(rank, todo, time.perf_counter() - busy_start)
-    for part in gather((written, mine)):
-        found.update(part[0])
-    ranks = tuple(part[1] for part in gather(mine))
+    mine = RankWork(rank, todo, time.perf_counter() - busy_start, extra)
+    gathered = gather((written, mine))
+    for shards, _ in gathered:
+        found.update(shards)
+    ranks = tuple(work for _, work in gathered)
 
     # 3. one merged index, in the photos' order
     if rank == 0:
