@@ -1,5 +1,5 @@
 """Sessions: distill, convert_coreml, convert_executorch, convert_executorch_coreml, convert_tflite, validate,
-selftest, compat, benchmark, segment_everything, tryout, tests, lint (see README).
+selftest, compat, benchmark, segment_everything, tryout, tests, lint (docs/usage.md).
 
 Environments are reused and dependencies are installed only when pyproject.toml changes, so a
 second run of any session starts in seconds instead of reinstalling torch.

@@ -84,10 +84,13 @@ def photo_folder(folder: Path, count: int) -> Path:
     return folder
 
 
-def scaling(work: Path, size: int, epochs: int, photos: int, with_training: bool) -> list[ScalingRun]:
+def scaling(
+    work: Path, size: int, epochs: int, photos: int, with_training: bool, shard_size: int | None = None
+) -> list[ScalingRun]:
     runs = []
     images = photo_folder(work / "photos", photos)
     common = ["--config", str(SMOKE_CONFIG), "--image-size", str(size), "--images", str(images)]
+    common += ["--shard-size", str(shard_size)] if shard_size else []
     for processes in (1, 2):
         out, cache = work / f"p{processes}", work / f"p{processes}" / "cache"
         seconds = _cli(processes, ["cache", *common, "--out", str(out), "--cache-dir", str(cache)])
@@ -199,12 +202,20 @@ def main() -> None:
     parser.add_argument("--scaling-photos", type=int, default=125, help="photos of the scaling runs (sample repeated)")
     parser.add_argument("--scaling-epochs", type=int, default=2)
     parser.add_argument("--cache-only", action="store_true", help="the teacher cache's scaling alone")
+    parser.add_argument("--scaling-shard-size", type=int, help="teacher cache shard size (default: the config's)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="distill_scaling_") as work:
-        runs = scaling(Path(work), args.scaling_size, args.scaling_epochs, args.scaling_photos, not args.cache_only)
+        runs = scaling(
+            Path(work),
+            args.scaling_size,
+            args.scaling_epochs,
+            args.scaling_photos,
+            not args.cache_only,
+            args.scaling_shard_size,
+        )
     by = {(r.phase, r.processes): r for r in runs}
     phases = ("teacher cache",) if args.cache_only else ("teacher cache", "training")
     ratios = {phase: by[(phase, 2)].phase_seconds / by[(phase, 1)].phase_seconds for phase in phases}

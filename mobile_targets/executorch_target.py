@@ -46,7 +46,7 @@ INT8_SCHEME = (
 activations quantized per row at run time (XNNPACK's QD8 kernels), so every row keeps its own
 scale. Static per-tensor int8 activations (calibrated on real photos) were tried first and lost
 too much: the decoder's mask logits fell apart and the encoder's embeddings moved the deployed
-pair's masks below the int8 gate (README, "ExecuTorch target", has the figures)."""
+pair's masks below the int8 gate (docs/executorch.md has the figures)."""
 
 
 def _quantize_int8(part: PartToConvert) -> torch.nn.Module:
@@ -71,7 +71,7 @@ def int8_layers(quantizer: Any, config: Any) -> Any:
     `INT8_CONVOLUTION_MODULES`; the other convolutions keep fp32.
 
     Why: int8 convolution weights cost 1.8 dB of embedding PSNR on top of the linear layers'
-    loss (README, "ExecuTorch target"), and outside stage 0 int8 convolutions bought no time or
+    loss (docs/executorch.md), and outside stage 0 int8 convolutions bought no time or
     failed to lower (`INT8_CONVOLUTION_MODULES`).
     XNNPACK's quantizer selects by a filter over every node of a pattern: its module-type filter
     also rejects the weights' get_attr nodes, which carry no module stack, so no convolution
@@ -177,8 +177,8 @@ class ConvolutionAsLinear(nn.Module):
     linear layers they get int8 weights and XNNPACK's dynamically quantized GEMMs inside the same
     delegate partition as the rest. In the fp32 files the neck's 3x3 convolution as a linear
     layer (XNNPACK's fully connected GEMM after the im2col copies) runs faster than XNNPACK's
-    IGEMM convolution (`benchmarks/executorch_encoder_variants.py` measured it; README,
-    "Benchmark"). The arithmetic is the convolution's own.
+    IGEMM convolution (`benchmarks/executorch_encoder_variants.py` measured it; docs/benchmark.md).
+    The arithmetic is the convolution's own.
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:

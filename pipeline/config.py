@@ -22,7 +22,7 @@ activations, calibrated on real photos) for Core ML and TFLite; other targets sk
 DEFAULT_PRECISIONS = ("fp32", "fp16", "int8")
 """What a convert session makes without --precisions: the variants whose encoder-decoder pairs hold
 their gates end to end. palettize6 is made on request (`--precisions palettize6`): its 6-bit
-encoder falls under its pair gate (README, "Deployed pairs")."""
+encoder falls under its pair gate (docs/validation.md, "Deployed pairs")."""
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The validate stage fails a file below its gate; the self-test vectors that travel with each file
 carry the same numbers as tolerances an app can check on the device. Defaults sit under what was
-measured on real photos with seeded random weights (README, "Validate stage").
+measured on real photos with seeded random weights (docs/validation.md).
 """
 
 from __future__ import annotations

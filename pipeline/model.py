@@ -77,7 +77,7 @@ class MobileSamTinyViT(TinyVit):
         and runs outside XNNPACK. Anchored on the block's own activations, the 20 gathers cut the
         TFLite graph into 21 XNNPACK partitions, and in fp16 arithmetic every cut converts the
         activations crossing it to fp32 and back; anchored on the input, the gathers can run
-        before everything else and the encoder stays one partition (README, "TFLite target")."""
+        before everything else and the encoder stays one partition (docs/tflite.md)."""
         rows, columns = self.bias_anchor_shape
         bias_anchor = x[:, :, :rows, :columns][0, 0]  # slices first: the selects copy rows x columns values
         x = self.patch_embed(x)
@@ -127,7 +127,7 @@ def _block_with_channels_last_local_conv(
 
     Why: XNNPACK runs the convolution channels-last, so the converters add a transpose back to
     channels-first after it; the permute cancels that one, where timm's reshape in between kept
-    it and added a second (README, "Benchmark", has what it saves). The window partition,
+    it and added a second (docs/benchmark.md has what it saves). The window partition,
     attention and reverse are timm's (a window-sized input goes through the same partition, into
     one window). `bias_anchor` goes to the attention (`_gather_biases_at_run_time`)."""
     batch, height, width, channels = x.shape

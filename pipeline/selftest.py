@@ -3,7 +3,7 @@
 An app's own unit test (XCTest, an Android instrumented test) loads the npz, feeds every case's
 inputs to the file on the device and checks its outputs against the expected ones with the
 tolerances in the manifest. Here, the convert stage writes them and `nox -s selftest` runs them
-in the desktop runtimes. The format (README, "Self-test vectors"):
+in the desktop runtimes. The format (docs/contract.md, "Self-test vectors"):
 
 - `case<i>.input.<contract input name>`: float32 arrays with the contract's shapes;
 - `case<i>.expected.<contract output name>`: float32, PyTorch fp32's outputs on those inputs
@@ -119,7 +119,7 @@ def read_vectors(path: Path, kinds: list[str], contract: PartContract) -> list[S
 
 
 def check_case(case: SelftestCase, actual: dict[str, np.ndarray], tolerance: Tolerance) -> CaseResult:
-    """The README's checks: PSNR per output and the IoU of the single-mask output."""
+    """The documented checks (docs/contract.md): PSNR per output and the IoU of the single-mask output."""
     misses: list[str] = []
     psnrs: dict[str, float] = {}
     non_finite = 0

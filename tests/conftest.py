@@ -1,4 +1,5 @@
-"""Shared fixtures: seeded random weights in the official layouts and real COCO photos."""
+"""Shared fixtures: seeded random weights in the official layouts and the real COCO photos the
+project ships (a user's clone has them; nothing beside the repository is needed)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,6 @@ import pytest
 import torch
 
 from pipeline.datasets import CocoPhotos
-
-SHARED_DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-cc-train"
-"""The team's 78 photos: tests only (a user's clone has the shipped sample, pipeline/sample_photos)."""
 
 
 def perturb_state_dict(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -59,11 +57,57 @@ def our_model(official_checkpoint):
     return model
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tracked_copy(clone: Path) -> Path:
+    """The repository's tracked (and untracked, not ignored) files alone, copied to `clone`: what a
+    user's clone holds, with no ../shared beside it."""
+    import shutil
+    import subprocess
+
+    tracked = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    for name in tracked:
+        if (REPO / name).is_file():
+            (clone / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, clone / name)
+    assert not (clone.parent / "shared").exists()
+    return clone
+
+
+class ShippedPhotos:
+    """Every photo the project ships (pipeline/sample_photos: the calibration split, then the
+    validation split, each by id): what a user's clone has, so the suite needs nothing beside it."""
+
+    has_ground_truth = True
+
+    def __init__(self) -> None:
+        self.splits = [CocoPhotos.sample("calibration"), CocoPhotos.sample("validation")]
+        self._source = {image_id: split for split in self.splits for image_id in split.image_ids()}
+
+    def image_ids(self) -> list[int]:
+        return [image_id for split in self.splits for image_id in split.image_ids()]
+
+    def image_path(self, image_id: int) -> Path:
+        return self._source[image_id].image_path(image_id)
+
+    def image(self, image_id: int):
+        return self._source[image_id].image(image_id)
+
+    def instances(self, image_id: int, include_crowd: bool = False):
+        return self._source[image_id].instances(image_id, include_crowd)
+
+    def describe(self) -> str:
+        return "the shipped sample photos (pipeline/sample_photos, both splits)"
+
+
 @pytest.fixture(scope="session")
-def photos() -> CocoPhotos:
-    if not (SHARED_DATASET / "instances.json").is_file():
-        pytest.fail(f"real photos missing: {SHARED_DATASET} (expected ../shared/data/coco-cc-train)")
-    return CocoPhotos(SHARED_DATASET / "images", SHARED_DATASET / "instances.json")
+def photos() -> ShippedPhotos:
+    """The 13 shipped photos with their instances (indices 0-8 calibration, 9-12 held out)."""
+    return ShippedPhotos()
 
 
 @pytest.fixture(scope="session")
@@ -120,6 +164,12 @@ TARGET_CONVERSIONS = {"tflite": "tflite_converted", "executorch": "executorch_co
 """test_targets' `converted` takes these targets' files from the session fixture named here."""
 
 
+SLOW_FIXTURES = frozenset(
+    (*SESSION_CONVERSIONS, "converted", "coreml_run", "validated", "shared_cache", "uninterrupted", "bad_files")
+)
+"""A test that uses one of these converts the full model, trains, or builds a cache: marked `slow`
+(`nox -s tests -- -m "not slow"` is the quick check while editing)."""
+
 LONGEST_GROUPS_FIRST = (
     "executorch_converted",
     "tflite_converted",
@@ -135,13 +185,16 @@ in collection order, so starting these first lets the workers finish together.""
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under `pytest -n N --dist loadgroup` (the tests session), tests that share a costly fixture
+    """Marks the tests that use a costly fixture `slow`. Under `pytest -n N --dist loadgroup` (the
+    tests session), tests that share a costly fixture
     share a worker: a session conversion's users; test_targets' tests of one target (the
     module's conversion is per target); otherwise the module (module-scoped fixtures). Groups
     run in LONGEST_GROUPS_FIRST order, the rest after them as collected."""
     groups = {}
     for item in items:
         fixtures = getattr(item, "fixturenames", ())
+        if SLOW_FIXTURES.intersection(fixtures):
+            item.add_marker(pytest.mark.slow)
         shared = [name for name in SESSION_CONVERSIONS if name in fixtures]
         callspec = getattr(item, "callspec", None)
         if shared:

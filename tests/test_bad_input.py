@@ -1,4 +1,4 @@
-"""Every row of README's "Bad input" table: what a user does wrong, the one line they see, the exit
+"""Every row of the "Bad input" table (docs/bad-input.md): what a user does wrong, the one line they see, the exit
 status, and that nothing earlier is lost. Stages run through their real command-line entry points
 (`python -m mobile_targets`, `python -m validation`, `python -m distillation`), on real files."""
 
@@ -26,6 +26,7 @@ from pipeline.errors import ArtifactError
 from pipeline.files import sha256_file
 from pipeline.manifest import ArtifactRecord, Manifest, read_manifest
 from tests.artifact_surgery import rehash, set_coreml_weights
+from tests.conftest import tracked_copy
 from validation.run import ValidationSettings, validate_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -290,16 +291,7 @@ def test_validate_own_photos_without_ground_truth(coreml_fp32, tmp_path, caplog)
 def test_clone_without_shared_runs_the_main_job(tmp_path):
     """The README's main job and validate on a copy of the project with no ../shared beside it
     (the batched decoder at B = 4: its default 64 rows cost the Core ML emulator minutes)."""
-    clone = tmp_path / "clone" / "project"
-    tracked = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
-    for name in tracked:
-        if (REPO / name).is_file():
-            (clone / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, clone / name)
-    assert not (clone.parent / "shared").exists()
+    clone = tracked_copy(tmp_path / "clone" / "project")
     environment = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(clone), "OMP_NUM_THREADS": "2"}
     convert = subprocess.run(
         [sys.executable, "-m", "mobile_targets", "coreml", "--precisions", "fp32", "--batch-prompts", "4"],
@@ -318,6 +310,31 @@ def test_clone_without_shared_runs_the_main_job(tmp_path):
     report = json.loads((clone / "artifacts" / "report.json").read_text())
     assert "pipeline/sample_photos/validation" in report["photos"] and report["ground_truth"]
     assert np.all([a["gate"]["passed"] for run in report["runs"] for a in run["artifacts"]])
+
+
+QUICK_SELECTION = (
+    "tests/test_parity.py",
+    "tests/test_padding.py",
+    "tests/test_config_manifest.py",
+    "tests/test_faults.py::test_commit_places_everything_or_nothing",
+    "tests/test_faults.py::test_lock_refuses_a_second_writer_in_process",
+    "tests/test_compat.py::test_hybrid_int8_ops_declare_the_versions_tflite_requires",
+    "tests/test_distillation.py::test_photo_shares_are_even_whatever_the_shard_sizes",
+)
+"""Tests that read the photos fixture, the upstream reference and the shipped configs: quick on 2
+cores, and each would fail if anything beside the repository were needed."""
+
+
+def test_clone_without_shared_passes_a_quick_selection_of_the_suite(tmp_path):
+    """The test suite on a copy of the project alone (no ../shared): the photos it uses ship with it."""
+    clone = tracked_copy(tmp_path / "clone" / "project")
+    environment = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(clone), "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *QUICK_SELECTION],
+        cwd=clone, env=environment, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert " passed" in done.stdout.splitlines()[-1] and "failed" not in done.stdout.splitlines()[-1]
 
 
 def test_changed_checkpoint_is_refused_by_sha256(tmp_path):

@@ -353,7 +353,7 @@ def test_int8_encoders_compute_stage_0_in_int8(tflite_converted):
 
 def test_tflite_w8a8_attention_is_full_integer(tmp_path):
     """The w8a8 recipe on one TinyViT attention block (the whole encoder's w8a8 file takes minutes
-    to convert here; validate measures it, README "TFLite target"): the patched attention gives
+    to convert here; validate measures it, docs/tflite.md): the patched attention gives
     softmax attention's answer in fp32, every op of the quantized file between its boundary
     QUANTIZE and DEQUANTIZE works on integer tensors, and its answer on an input it was not
     calibrated on stays close to the float one."""

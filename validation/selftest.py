@@ -1,7 +1,7 @@
 """`python -m validation.selftest --out DIR`: every file's self-test vectors through the file.
 
 Runs each artifact's `<stem>.selftest.npz` (written by the convert stage; format in
-pipeline.selftest and README) in the target's desktop runtime and checks the tolerances its
+pipeline.selftest and docs/contract.md) in the target's desktop runtime and checks the tolerances its
 manifest record names. One line per file; exit 1 when any case misses, 2 on bad input. This is
 the check an app's own unit test repeats on the device.
 """

@@ -129,7 +129,7 @@ Why: per-tensor int8 on TinyViT's residual trunk costs far more than anywhere el
 `local_conv` (depthwise) reads and writes the trunk itself, each attention's `proj` writes into
 it, and the patch mergings' depthwise convolutions and all of the first merging (stage 0's
 64-channel trunk at 256x256 into stage 1) carry it between stages. Found by quantizing one group
-of layers at a time on held-out photos (README, "Core ML target", w8a8); these layers hold few of
+of layers at a time on held-out photos (docs/coreml.md, w8a8); these layers hold few of
 the encoder's multiply-adds (`ActivationPlan.int8_mac_share`)."""
 
 

@@ -139,7 +139,7 @@ def gelu_as_tanh_approximation(module: torch.nn.Module) -> torch.nn.Module:
 
     Why: in fp16 arithmetic the XNNPACK that LiteRT ships has a vectorized kernel for the tanh
     GELU only; its exact GELU falls back to scalar code, which took most of the fp16 encoder's
-    call (README, "TFLite target"). The tanh form runs at memory speed."""
+    call (docs/tflite.md). The tanh form runs at memory speed."""
     patched = copy.deepcopy(module)
     for parent in list(patched.modules()):
         for name, child in list(parent.named_children()):
@@ -153,7 +153,7 @@ def computes_in_fp16(part: PartToConvert, precision: str) -> bool:
 
     Why not the decoder: forced to fp16, its masks fell under the fp16 gate's mask IoU against
     PyTorch on the self-test prompts for little time saved, while the encoder, which takes most of
-    the time, stays far above its gate (README, "TFLite target")."""
+    the time, stays far above its gate (docs/tflite.md)."""
     return precision == "fp16" and part.name == ENCODER
 
 
