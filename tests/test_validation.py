@@ -211,3 +211,36 @@ def test_segment_everything_section_gates_fp32(validated):
     assert "Segment everything" in (out / "report.html").read_text()
     batched = next(a for run in report.runs for a in run.artifacts if a.part == "prompt_decoder_batched")
     assert batched.decoder and batched.gate.passed and batched.latency
+
+
+def test_emulated_latencies_show_no_ratios():
+    """A Core ML file timed in the Linux emulator: its cell says "emulated" and carries no ratio to
+    PyTorch, ONNX Runtime or the compute floor (an emulator's time says nothing about a phone);
+    a file run in its real runtime keeps them."""
+    from validation.schema import (
+        ArtifactResult,
+        Baselines,
+        ComputeFloor,
+        EncoderScores,
+        GateResult,
+        Latency,
+        Report,
+        RunResult,
+    )
+    from validation.text_report import summary_rows
+
+    baselines = Baselines(
+        pytorch={"image_encoder": Latency(0.5, 0.6, 3)}, compute_floor=ComputeFloor(77.5, 300.0, 0.25)
+    )
+
+    def run(target: str, emulated: str | None) -> RunResult:
+        artifact = ArtifactResult(target, "image_encoder", "fp32", "f", 23_000_000)
+        artifact.latency = Latency(3.0, 3.1, 3)
+        artifact.encoder = EncoderScores(130.0, 1e-5, 1.0, 1)
+        artifact.gate = GateResult(True, ())
+        return RunResult("m", target, emulated=emulated, baselines=baselines, artifacts=[artifact])
+
+    report = Report({}, "photos", True, {}, runs=[run("coreml", "MIL emulator on Linux"), run("tflite", None)])
+    emulated, real = summary_rows(report)
+    assert emulated[2:6] == ["3000 (emulated)", "-", "-", "-"]
+    assert real[2:6] == ["3000", "6.00", "-", "12.0"]

@@ -309,6 +309,7 @@ def validate_run(
                 continue
             source, references, run.baselines, sam, everything_reference = reference_runs[key]
             run.runtime = target.runtime_name
+            run.emulated = target.emulation_note()
             run.weights = source.describe()
             run.random_weights = source.is_random
             run.conversion_failures = [asdict(failure) for failure in manifest.failures]

@@ -209,6 +209,8 @@ class RunResult:
     target: str
     error: str | None = None
     runtime: str = ""
+    emulated: str | None = None
+    """Why this target's latencies say nothing about a phone (its files run emulated), or None."""
     weights: str = ""
     random_weights: bool = False
     conversion_failures: list[dict[str, str]] = field(default_factory=list)

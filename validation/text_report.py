@@ -58,6 +58,11 @@ def summary_rows(report: Report) -> list[list[str]]:
                 continue
             median = artifact.latency.median_s
             floor = run.baselines.compute_floor
+            if run.emulated:  # the emulator's time says nothing about a phone: no ratios
+                memory = f"{artifact.memory.peak_increase_mb:.0f}" if artifact.memory else "-"
+                emulated = f"{median * 1000:.0f} (emulated)"
+                rows.append([artifact.name, size, emulated, "-", "-", "-", memory, gate, agreement_figure(artifact)])
+                continue
             rows.append(
                 [
                     artifact.name,
