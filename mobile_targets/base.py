@@ -129,11 +129,3 @@ class Target(ABC):
     def emulation_note(self) -> str | None:
         """Why this machine's latency of the target's files means nothing (they run emulated), or None."""
         return None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "target": self.name,
-            "extension": self.extension,
-            "precisions": list(self.precisions),
-            "runtime": self.runtime_name,
-        }

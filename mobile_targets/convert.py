@@ -55,7 +55,6 @@ class GateMiss(ArtifactError):
     """A fresh file that converted and runs but misses its precision's gate (PSNR or self-test vectors)."""
 
 
-GATE_PSNR_DB = {"fp32": 60.0, "fp16": 30.0, "int8": 10.0, "palettize6": 10.0, "w8a8": 10.0}
 """Minimum PSNR of every output against PyTorch on the example photo, checked right after
 conversion. Loose for quantized files: they are scored properly by the validate stage."""
 
@@ -245,10 +244,11 @@ def parity_gate(
             "psnr_db": psnr_db(reference, actual[name]),
             "max_abs_error": max_abs_error(reference, actual[name]),
         }
-        if not results[name]["psnr_db"] >= GATE_PSNR_DB[precision]:
+        floor = DEFAULT_GATES[precision].conversion_psnr_db
+        if not results[name]["psnr_db"] >= floor:
             raise GateMiss(
                 f"{part.name} {precision}: output {name} has PSNR {results[name]['psnr_db']:.1f} dB against "
-                f"PyTorch, under the {GATE_PSNR_DB[precision]:.0f} dB gate"
+                f"PyTorch, under the {floor:.0f} dB gate"
             )
     return results
 

@@ -24,6 +24,7 @@ from pipeline.config import RunConfig
 from pipeline.datasets import SAMPLE_DIR, FolderPhotos
 from pipeline.errors import ArtifactError
 from pipeline.files import sha256_file
+from pipeline.locking import LOCK_NAME
 from pipeline.manifest import ArtifactRecord, Manifest, read_manifest
 from tests.artifact_surgery import rehash, set_coreml_weights
 from tests.conftest import tracked_copy
@@ -198,11 +199,14 @@ def test_convert_gate_fails_on_non_finite_pytorch_output(tmp_path, capsys, monke
 def test_failed_reconversion_keeps_the_earlier_file(coreml_fp32, tmp_path, monkeypatch):
     """A conversion that fails its gate leaves the earlier file of the same weights in place,
     still listed, and the manifest says which conversion failed."""
-    import mobile_targets.convert as convert
+    from dataclasses import replace
+
+    from pipeline.gates import DEFAULT_GATES
 
     out = _copy(coreml_fp32, tmp_path)
     before = {p.name: sha256_file(p) for p in (out / "coreml").glob("*.mlpackage")}
-    monkeypatch.setitem(convert.GATE_PSNR_DB, "fp32", 1000.0)  # a gate no file can meet
+    unreachable = replace(DEFAULT_GATES["fp32"], conversion_psnr_db=1000.0)  # a gate no file can meet
+    monkeypatch.setitem(DEFAULT_GATES, "fp32", unreachable)
     with pytest.raises(ArtifactError, match=r"2 conversion\(s\) failed: image_encoder fp32: .*under the 1000 dB gate"):
         convert_target("coreml", RunConfig(precisions=("fp32",), out_dir=out, batch_prompts=16))  # as coreml_fp32
     assert {p.name: sha256_file(p) for p in (out / "coreml").glob("*.mlpackage")} == before
@@ -210,7 +214,8 @@ def test_failed_reconversion_keeps_the_earlier_file(coreml_fp32, tmp_path, monke
     assert len(manifest.artifacts) == 3  # the earlier files stay listed
     assert {f.part for f in manifest.failures} == {"image_encoder", "prompt_decoder"}
     assert [f.part for f in manifest.not_made] == ["prompt_decoder_batched"]  # optional: left out, not failed
-    assert not [p for p in (out / "coreml").iterdir() if p.name.startswith(".")], "no staging folder is left behind"
+    leftovers = [p for p in (out / "coreml").iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]
+    assert not leftovers, "no staging folder is left behind"
 
 
 def test_validate_isolates_every_failure(coreml_fp32, tmp_path, capsys, monkeypatch):

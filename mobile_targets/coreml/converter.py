@@ -424,8 +424,5 @@ class CoreMLTarget(Target):
             return None
         return "Core ML runs only on Apple devices; the Linux emulator's time says nothing about them"
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "options": self.options.__dict__}
-
 
 TARGET = CoreMLTarget()
