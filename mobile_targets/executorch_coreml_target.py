@@ -53,7 +53,7 @@ def without_debug_maps() -> Iterator[None]:
     Why: ExecuTorch 1.5.1's Core ML backend stores two JSON maps from its graph's debug handles
     to Core ML op names in every payload (coremltools writes `executorch_debug_handle_mapping.json`
     into the package whenever the MIL program still knows its EXIR debug handles; the backend adds
-    `debug_info.json`): 0.65 MB in the fp16 encoder, 5% of the file, read on the device only by
+    `debug_info.json`): a few percent of the file (docs/file-sizes.md), read on the device only by
     ETDump's per-op profiling of the delegate (its runtime treats a missing map as none). The
     backend saves the package from the converted model; with the model's MIL program dropped
     after conversion there is no debug-handle scope to write, so neither map is made. The

@@ -5,8 +5,9 @@ to_edge_transform_and_lower(XnnpackPartitioner) -> .pte.
 int8: the same linear layers, PT2E quantization with XNNPACK's quantizer (per-channel symmetric
 int8 weights, activations quantized per row at run time; INT8_SCHEME says why), then the same
 lowering.
-fp16 is not offered: the encoder cast to half and lowered to XNNPACK came out at 11.8 dB PSNR
-against fp32 PyTorch (eager fp16 on CPU: 67 dB), so the fault is in that lowering, not in fp16.
+fp16 is not offered: the encoder cast to half and lowered to XNNPACK came out far from fp32
+PyTorch while eager fp16 on CPU stays close, so the fault is in that lowering, not in fp16
+(docs/executorch.md).
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ def int8_layers(quantizer: Any, config: Any) -> Any:
     `large_convolutions_as_linear` has made them linear layers) and the convolutions inside
     `INT8_CONVOLUTION_MODULES`; the other convolutions keep fp32.
 
-    Why: int8 convolution weights cost 1.8 dB of embedding PSNR on top of the linear layers'
-    loss (docs/executorch.md), and outside stage 0 int8 convolutions bought no time or
+    Why: int8 convolution weights cost embedding PSNR on top of the linear layers' loss
+    (docs/executorch.md), and outside stage 0 int8 convolutions bought no time or
     failed to lower (`INT8_CONVOLUTION_MODULES`).
     XNNPACK's quantizer selects by a filter over every node of a pattern: its module-type filter
     also rejects the weights' get_attr nodes, which carry no module stack, so no convolution
@@ -123,7 +124,7 @@ class LayerNormAsGemm(nn.Module):
 
     Why: ExecuTorch 1.5.1's XNNPACK partitioner has no LayerNorm, and its `mean.dim` takes only
     4-D spatial means, so the encoder's 20 LayerNorms ran as portable kernels outside the
-    delegate (29 ms of 232 in the int8 encoder's ETDump). A product with a constant column is
+    delegate (the int8 encoder's ETDump showed them; docs/benchmark.md). A product with a constant column is
     an XNNPACK fully connected layer; subtract, multiply, rsqrt and add are XNNPACK ops too.
     """
 

@@ -86,12 +86,12 @@ def int8_recipe() -> list[dict[str, Any]]:
     layers, the MBConv blocks' 1x1 convolutions and the neck's two; fp16 weights with fp32 compute
     for the other convolutions (later rules win).
 
-    Why: the MBConvs' 1x1 convolutions run at 256 x 256 pixels, and with the neck they are 7.0 of
-    the encoder's 38.8 GMAC; in dynamic range int8 XNNPACK runs them on its int8 GEMMs, which took
-    the encoder to 0.83x the time of fp32 compute on them at 0.4 dB of embedding PSNR
-    (`benchmarks/tflite_int8_recipes.py`). The patch embedding, patch-merging and depthwise
-    convolutions hold few parameters, yet int8 weights on them cost about 1.5 dB, and dynamic
-    range on them bought no time (on the depthwise ones it cost time).
+    Why: the MBConvs' 1x1 convolutions run at 256 x 256 pixels and, with the neck's, are a large
+    share of the encoder's multiply-adds; in dynamic range int8 XNNPACK runs them on its int8
+    GEMMs, which saves time for little embedding PSNR. The patch embedding, patch-merging and
+    depthwise convolutions hold few parameters, yet int8 weights on them cost accuracy, and
+    dynamic range on them bought no time (`benchmarks/tflite_int8_recipes.py` measures each
+    choice; docs/tflite.md has the figures).
     """
     from ai_edge_quantizer import recipe
 
@@ -185,11 +185,10 @@ def exp_weighted_values(scores: torch.Tensor, values: torch.Tensor) -> torch.Ten
     """softmax(scores) @ values as (e @ values) / sum(e), e = `exp_below_row_max(scores)`.
 
     Why: an int8 SOFTMAX has the fixed output scale 1/256, and attention over 49 to 196 tokens
-    has weights near 1/tokens, a few steps each: the full-integer encoder fell to 21.7 dB mean
-    embedding PSNR on the held-out photos, 26.8 dB with only the softmax left in float. Its
-    int16 form was worse (18 dB). Normalizing after the product keeps e in [0, 1] (the largest is
-    1) and divides well-scaled sums. The same arithmetic in fp32 (the encoder's embeddings 7e-6
-    apart).
+    has weights near 1/tokens, a few steps each: the full-integer encoder lost most of its
+    embedding PSNR to it, and the int16 form was worse (docs/tflite.md). Normalizing after the
+    product keeps e in [0, 1] (the largest is 1) and divides well-scaled sums. In fp32 it is the
+    same arithmetic up to rounding.
     """
     weights = exp_below_row_max(scores)
     return torch.bmm(weights, values) / weights.sum(dim=-1, keepdim=True)
@@ -236,10 +235,9 @@ def short_tensor_names(model_content: bytes) -> bytes:
     signature, which names them by the contract) stay.
 
     Why: litert-torch names every tensor by its module path ("mobile_targets.tflite.converter.
-    NamedInputsOutputs/pipeline.export_wrappers.ImageEncoderForExport_inner/..."): 0.45 MB of the
-    fp16 encoder, which put it at 12.1 MB with a checkpoint's distinct weights (goal <= 12). Run
-    last: the quantization recipes select layers by these names. The arithmetic is untouched
-    (outputs bit-identical)."""
+    NamedInputsOutputs/pipeline.export_wrappers.ImageEncoderForExport_inner/..."): a noticeable
+    share of the fp16 encoder's size (docs/file-sizes.md). Run last: the quantization recipes
+    select layers by these names. The arithmetic is untouched (outputs bit-identical)."""
     from ai_edge_litert.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_content))
