@@ -1,5 +1,5 @@
-"""Sessions: distill, convert_coreml, convert_executorch, convert_executorch_coreml, convert_tflite, validate,
-selftest, compat, benchmark, segment_everything, tryout, tests, lint (docs/usage.md).
+"""Sessions: distill, convert_coreml, convert_coreai, convert_executorch, convert_executorch_coreml,
+convert_tflite, validate, selftest, compat, benchmark, segment_everything, tryout, tests, lint (docs/usage.md).
 
 Environments are reused and dependencies are installed only when pyproject.toml changes, so a
 second run of any session starts in seconds instead of reinstalling torch.
@@ -71,6 +71,16 @@ def convert_coreml(session: nox.Session) -> None:
     """
     install_project(session, "coreml")
     session.run("python", "-m", "mobile_targets", "coreml", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def convert_coreai(session: nox.Session) -> None:
+    """Encoder and prompt decoder to `.aimodel` (Core AI, iOS 27+ / macOS 27+), fp32 and fp16, plus a
+    manifest; each file checked right after conversion in Apple's Core AI runtime (its Linux
+    build: fp16 is emulated there, minutes a call). Options after `--`: as convert_executorch.
+    """
+    install_project(session, "coreai")
+    session.run("python", "-m", "mobile_targets", "coreai", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -1,0 +1,116 @@
+"""The Core AI target: `.aimodel` assets converted by coreai-torch and run by Apple's own Core AI
+runtime (its Linux build in the coreai-core wheel), on the full MobileSAM architecture."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mobile_targets import get_target
+from mobile_targets.convert import build_parts, convert_target, example_prompts
+from pipeline.config import RunConfig
+from pipeline.errors import ArtifactError
+from pipeline.gates import DEFAULT_GATES, selftest_tolerance
+from pipeline.manifest import read_manifest
+from pipeline.metrics import mask_iou, psnr_db
+from pipeline.predictor import ReferencePredictor, Segmenter
+from pipeline.selftest import check_case
+
+
+@pytest.fixture(scope="module")
+def coreai_fp32(tmp_path_factory, official_checkpoint) -> Path:
+    """fp32 encoder and decoder of the upstream-layout checkpoint (fp16 runs emulated on Linux:
+    minutes a call; its decoder is tested alone below)."""
+    config = RunConfig(
+        checkpoint=official_checkpoint,
+        precisions=("fp32",),
+        out_dir=tmp_path_factory.mktemp("coreai"),
+        batch_prompts=0,
+    )
+    return convert_target("coreai", config)
+
+
+def _runner(manifest_path: Path, part: str):
+    manifest = read_manifest(manifest_path)
+    (record,) = [r for r in manifest.artifacts if r.part == part]
+    return get_target("coreai").load_runner(manifest_path.parent / record.file, manifest.contract(part))
+
+
+@pytest.mark.slow
+def test_fp32_assets_match_upstream_mobilesam_in_apples_runtime(coreai_fp32, upstream_mobile_sam, our_model, photos):
+    """On a held-out photo: the encoder asset's embeddings against upstream MobileSAM's own
+    SamPredictor, and the deployed pair's masks (encoder asset into decoder asset, the app's chain)
+    against PyTorch, on real instance prompts."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from mobile_sam import SamPredictor
+    upstream = SamPredictor(upstream_mobile_sam[0])
+    deployed = Segmenter(_runner(coreai_fp32, "prompt_decoder"), _runner(coreai_fp32, "image_encoder"))
+    reference = ReferencePredictor(our_model)
+    image_id = photos.image_ids()[9]
+    image = photos.image(image_id)
+    upstream.set_image(image)
+    embeddings = deployed.set_image(image)
+    assert psnr_db(upstream.get_image_embedding().numpy(), embeddings) >= 60.0
+    reference.set_image(image)
+    ious = []
+    for prompt in example_prompts(photos, image_id, image.shape, count=3):
+        expected = reference.predict(prompt, multimask_output=False).mask
+        ious.append(mask_iou(expected, deployed.predict(prompt, multimask_output=False).mask))
+    assert ious and min(ious) >= 0.99, ious
+
+
+@pytest.mark.slow
+def test_fp32_assets_pass_their_self_test_vectors_and_carry_metadata(coreai_fp32):
+    from validation.selftest import selftest_folder
+
+    outcomes = selftest_folder(coreai_fp32.parent.parent, threads=1)
+    assert len(outcomes) == 2 and all(o.passed for o in outcomes), outcomes
+    metadata = (coreai_fp32.parent / "image_encoder_fp32.aimodel" / "metadata.json").read_text()
+    assert "Apache-2.0" in metadata and "TinyViT" in metadata and "image_embeddings" in metadata
+
+
+@pytest.mark.slow
+def test_fp16_decoder_keeps_the_point_encoding_fp32(our_model, photos, tmp_path):
+    """The fp16 decoder (fp16 weights and compute, float32 I/O, the point encoding in fp32) meets
+    the fp16 gate on its self-test prompt in Apple's runtime (emulated fp16: about a minute)."""
+    parts = build_parts(RunConfig(batch_prompts=0), our_model, photos)
+    decoder = parts[1]
+    target = get_target("coreai")
+    path = tmp_path / "prompt_decoder_fp16.aimodel"
+    details = target.convert_part(decoder, "fp16", path)
+    assert details["compute"] == "fp16, float32 inputs and outputs, point encoding fp32"
+    runner = target.load_runner(path, decoder.contract)
+    case = decoder.selftest[0]
+    result = check_case(case, runner.run(case.inputs), selftest_tolerance(DEFAULT_GATES["fp16"], decoder.name))
+    assert result.passed, result.misses
+    assert result.mask_iou_min >= DEFAULT_GATES["fp16"].mask_iou_min
+    assert runner.run(case.inputs)["low_res_masks"] is not runner.run(case.inputs)["low_res_masks"]  # copies
+
+
+@pytest.mark.slow
+def test_broken_assets_are_one_line(coreai_fp32, tmp_path):
+    """A missing program, a truncated one (Apple's runtime aborts the process on it, so the asset's
+    own digest is checked first), and a file where the folder should be: one line naming it."""
+    target = get_target("coreai")
+    contract = read_manifest(coreai_fp32).contract("prompt_decoder")
+    source = coreai_fp32.parent / "prompt_decoder_fp32.aimodel"
+    missing = shutil.copytree(source, tmp_path / "missing.aimodel")
+    (missing / "main.mlirb").unlink()
+    with pytest.raises(
+        ArtifactError, match=r"missing\.aimodel is not a complete Core AI asset \(missing main\.mlirb\)"
+    ):
+        target.load_runner(missing, contract)
+    truncated = shutil.copytree(source, tmp_path / "truncated.aimodel")
+    data = (truncated / "main.mlirb").read_bytes()
+    (truncated / "main.mlirb").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ArtifactError, match=r"truncated\.aimodel is a damaged Core AI asset \(main\.mlirb does not"):
+        target.load_runner(truncated, contract)
+    regular = tmp_path / "file.aimodel"
+    regular.write_bytes(np.zeros(16, dtype=np.uint8).tobytes())
+    with pytest.raises(ArtifactError, match=r"file\.aimodel is not a Core AI asset \(expected an \.aimodel folder\)"):
+        target.load_runner(regular, contract)
