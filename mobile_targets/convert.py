@@ -306,6 +306,11 @@ Commit = Callable[[Path, Path, dict, dict[Path, Path]], None]
 """(final path, staged file, its details, final -> staged for everything that travels with it)."""
 
 
+def place_without_manifest(final: Path, staged: Path, details: dict, moves: dict[Path, Path]) -> None:
+    """A `Commit` for files no manifest lists (the benchmark's decoders at other N): placed together."""
+    commit_files(moves, lambda: None)
+
+
 class ManifestKeeper:
     """Keeps `<out>/<target>/manifest.json` in step with the files on disk during a run.
 

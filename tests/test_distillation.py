@@ -162,9 +162,16 @@ def test_shard_keys_survive_inserting_a_photo(image_folder, tmp_path):
     cache = tmp_path / "cache"
     first = discover_images(folder)
     build_teacher_cache(teacher.image_encoder, description, first, cache, IMAGE_SIZE, shard_size=2)
-    (folder / (photos[4].stem + "_copy.jpg")).symlink_to(photos[9].resolve())
+    old_plan = set(plan_shards([s.key for s in first], 2))
+    # a name sorted among the first 8 that falls inside one of their shards (not a shard of its own)
+    name = next(
+        name
+        for name in (f"{photos[4].stem}_copy{n}.jpg" for n in range(100))
+        if len(old_plan - set(plan_shards(sorted([*(s.key for s in first), name]), 2))) == 1
+    )
+    (folder / name).symlink_to(photos[9].resolve())
     sources = discover_images(folder)
-    redone = set(plan_shards([s.key for s in first], 2)) - set(plan_shards([s.key for s in sources], 2))
+    redone = old_plan - set(plan_shards([s.key for s in sources], 2))
     assert len(redone) == 1
     result = build_teacher_cache(teacher.image_encoder, description, sources, cache, IMAGE_SIZE, shard_size=2)
     assert (result.computed, result.reused) == (len(next(iter(redone))) + 1, 8 - len(next(iter(redone))))

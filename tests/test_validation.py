@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.metrics import mask_iou
 from tests.artifact_surgery import keep_only_precisions
 from validation.gates import DEFAULT_GATES, gate_failures, gates_from_config, looser_gate
 from validation.html_report import write_html
@@ -108,7 +109,9 @@ def test_report_scores_every_artifact_and_isolates_the_broken_one(validated):
     failed = report.failures()
     assert failed[0].startswith("tflite prompt_decoder int8: ") and "changed since conversion" in failed[0]
     assert set(masks) == {"tflite pytorch", "tflite prompt_decoder fp32", "tflite prompt_decoder int8"}
-    assert all(np.array_equal(masks["tflite pytorch"][i], m) for i, m in masks["tflite prompt_decoder fp32"].items())
+    # the fp32 file's overlay masks are PyTorch's up to the odd pixel whose logit sits at 0
+    overlays = masks["tflite prompt_decoder fp32"]
+    assert overlays and all(mask_iou(masks["tflite pytorch"][i], m) > 0.999 for i, m in overlays.items())
     assert masks["tflite prompt_decoder int8"] == {}  # the broken file gave no masks
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4 and "random init, seed" not in page

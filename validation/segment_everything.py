@@ -109,7 +109,8 @@ def main() -> int:
     parser.add_argument("--compare-pytorch", action="store_true", help="also run SamAutomaticMaskGenerator")
     args = parser.parse_args()
     setup_logging()
-    args.result.mkdir(parents=True, exist_ok=True)  # a result path that cannot be a folder fails before the work
+    if args.result.exists() and not args.result.is_dir():  # before the work, and without creating anything
+        raise ConfigError(f"--result {args.result} is a file; expected a folder (new or existing) for the results")
     manifest_path = args.out / args.target / MANIFEST_NAME
     if not manifest_path.is_file():
         raise ConfigError(f"no {args.target} files under {args.out} ({manifest_path} missing); run a convert session")

@@ -18,7 +18,7 @@ import torch
 
 from mobile_targets import get_target, load_artifact_runner
 from mobile_targets.base import PartToConvert
-from mobile_targets.convert import build_parts, convert_one, pytorch_outputs
+from mobile_targets.convert import build_parts, convert_one, place_without_manifest, pytorch_outputs
 from pipeline.checkpoints import load_model
 from pipeline.config import RunConfig
 from pipeline.contract import DECODER_PARTS, PartContract, TensorSpec, contract_for, prompts_per_call
@@ -211,7 +211,7 @@ def point_sweep(
                 try:
                     options = item.manifest.config.get("target_options", {}).get(record.target, {})
                     target = get_target(record.target).with_options(options)
-                    convert_one(target, decoder, record.precision, path, expected)
+                    convert_one(target, decoder, record.precision, path, expected, place_without_manifest)
                     runner = target.load_runner(path, decoder.contract, threads=threads)
                     timing = time_call(lambda runner=runner, named=named: runner.run(named), threads, warmup, runs)
                     sweep.append(SweepPoint(record.target, record.precision, count, timing))
