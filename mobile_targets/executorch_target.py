@@ -174,7 +174,7 @@ class ConvolutionAsLinear(nn.Module):
     by side (im2col from slices and one concat), its weight laid out to match.
 
     Why: the int8 files quantize linear layers and only stage 0's convolutions (`int8_layers`
-    says why not the others), so the large convolutions' weights stayed fp32 (4 MB of the int8 encoder). As
+    says why not the others), so the large convolutions' weights stayed fp32 (a large share of the int8 encoder). As
     linear layers they get int8 weights and XNNPACK's dynamically quantized GEMMs inside the same
     delegate partition as the rest. In the fp32 files the neck's 3x3 convolution as a linear
     layer (XNNPACK's fully connected GEMM after the im2col copies) runs faster than XNNPACK's

@@ -93,7 +93,7 @@ def image_pe_tokens_at_run_time(
 ) -> torch.Tensor:
     """The image positional encoding (1, g * g, 256), in token layout, computed in the graph.
 
-    Why: stored, it is a 1x4096x256 constant (4.2 MB fp32) in every decoder file. Its argument is
+    Why: stored, it is a 1x4096x256 fp32 constant in every decoder file. Its argument is
     separable, 2 pi (u_j + v_i) for column j and row i, so sin and cos of the 2g axis terms and
     the angle-sum identities rebuild it from a 2x128 matrix. The axis points are encoded together
     with the prompt's points (`anchor_points`, whose rows are dropped): on a constant alone

@@ -9,6 +9,7 @@ The lock is the kernel's (`flock`): it goes with the process, so a killed run le
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import sys
@@ -42,10 +43,10 @@ def folder_lock(folder: Path, exclusive: bool, purpose: str) -> Iterator[None]:
     path = folder / LOCK_NAME
     try:
         handle = path.open("a+")
-    except PermissionError:
-        if exclusive:
+    except OSError as error:
+        if exclusive or error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        yield
+        yield  # a folder no one can write: no writer can work in it either
         return
     try:
         try:

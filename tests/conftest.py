@@ -62,7 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def tracked_copy(clone: Path) -> Path:
     """The repository's tracked (and untracked, not ignored) files alone, copied to `clone`: what a
-    user's clone holds, with no ../shared beside it."""
+    user's clone holds, with no shared data folder beside it."""
     import shutil
     import subprocess
 

@@ -294,7 +294,7 @@ def test_validate_own_photos_without_ground_truth(coreml_fp32, tmp_path, caplog)
 
 
 def test_clone_without_shared_runs_the_main_job(tmp_path):
-    """The README's main job and validate on a copy of the project with no ../shared beside it
+    """The README's main job and validate on a copy of the project with no shared data folder beside it
     (the batched decoder at B = 4: its default 64 rows cost the Core ML emulator minutes)."""
     clone = tracked_copy(tmp_path / "clone" / "project")
     environment = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(clone), "OMP_NUM_THREADS": "2"}
@@ -331,7 +331,7 @@ cores, and each would fail if anything beside the repository were needed."""
 
 
 def test_clone_without_shared_passes_a_quick_selection_of_the_suite(tmp_path):
-    """The test suite on a copy of the project alone (no ../shared): the photos it uses ship with it."""
+    """The test suite on a copy of the project alone (no shared data folder): its photos ship with it."""
     clone = tracked_copy(tmp_path / "clone" / "project")
     environment = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(clone), "OMP_NUM_THREADS": "2"}
     done = subprocess.run(

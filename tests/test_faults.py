@@ -312,3 +312,18 @@ def test_lock_refuses_a_second_writer_in_process(tmp_path):
         pass
     with folder_lock(tmp_path, exclusive=True, purpose="free again"):
         pass
+
+
+@pytest.mark.slow
+def test_readers_need_no_lock_on_a_read_only_folder(tmp_path):
+    """validate, selftest and compat read a folder on a read-only mount (its lock file cannot be
+    opened for writing there, and no writer can work in it either); a writer is refused."""
+    folder = tmp_path / "ro"
+    with small_disk(folder, "1m") as mounted:
+        if not mounted:
+            pytest.skip("cannot mount a read-only file system on this machine")
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        with folder_lock(folder, exclusive=False, purpose="a validate run"):
+            pass
+        with pytest.raises(OSError, match="Read-only file system"), folder_lock(folder, True, "a convert run"):
+            pass
