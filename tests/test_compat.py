@@ -206,3 +206,27 @@ def test_coreml_packages_declare_the_os_their_manifest_promises(coreml_fp32, tmp
     assert [c.verdict for c in checks].count("mismatch") == 1
     failures = CompatReport((), (), tuple(checks)).gate_failures()
     assert failures == [f"coreml {raw['artifacts'][0]['file']}: needs iOS17 (spec 8), promised iOS16"]
+
+
+def test_files_outside_the_matrix_are_listed_with_the_reason(tmp_path):
+    """Files no runtime build of the matrix loads (Core AI, ExecuTorch's Core ML delegate) are
+    named in the report with why, never left out silently; no environment is built for them."""
+    from pipeline.manifest import ArtifactRecord, Manifest
+    from validation.compat.matrix import CompatReport
+    from validation.compat.text import compat_html, compat_markdown
+
+    folder = tmp_path / "out" / "coreai"
+    asset = folder / "image_encoder_fp32.aimodel"
+    asset.mkdir(parents=True)
+    (asset / "main.mlirb").write_bytes(b"program")
+    record = ArtifactRecord.describe_file(
+        asset, folder, part="image_encoder", target="coreai", precision="fp32", contract={}
+    )
+    Manifest("coreai", {"model_type": "vit_t", "seed": 0}, {"num_points": 5}, {}, (record,)).write(folder)
+    report = build_matrix(tmp_path / "out", [runtime_spec(name) for name in QUICK_RUNTIMES])
+    assert report.runtimes == () and report.cells == ()
+    (not_run,) = report.not_run
+    assert (not_run.target, not_run.file) == ("coreai", "image_encoder_fp32.aimodel") and "Core AI" in not_run.reason
+    assert "coreai image_encoder_fp32.aimodel: one Core AI runtime build" in compat_markdown(report)
+    assert "Not in the matrix" in compat_html(report)
+    assert CompatReport.from_json(report.to_json()) == report

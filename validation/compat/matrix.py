@@ -98,10 +98,27 @@ class CoreMLCheck:
 
 
 @dataclass(frozen=True)
+class NotRun:
+    """A file no runtime build of the matrix loads, and why: listed, never skipped silently."""
+
+    target: str
+    file: str
+    reason: str
+
+
+NOT_RUN_REASONS = {
+    "executorch_coreml": "ExecuTorch's Core ML delegate runs only on Apple platforms (validate emulates its payload)",
+    "coreai": "one Core AI runtime build exists (coreai-core, the one this project installs); validate runs it",
+}
+"""Why a target's files are outside the runtime matrix (Core ML packages get `coreml_checks`)."""
+
+
+@dataclass(frozen=True)
 class CompatReport:
     runtimes: tuple[RuntimeColumn, ...]
     cells: tuple[Cell, ...]
     coreml: tuple[CoreMLCheck, ...] = ()
+    not_run: tuple[NotRun, ...] = ()
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     machine: str = field(default_factory=lambda: describe_machine())
 
@@ -114,6 +131,7 @@ class CompatReport:
             runtimes=tuple(RuntimeColumn(**item) for item in raw["runtimes"]),
             cells=tuple(Cell(**item) for item in raw["cells"]),
             coreml=tuple(CoreMLCheck(**item) for item in raw.get("coreml", [])),
+            not_run=tuple(NotRun(**item) for item in raw.get("not_run", [])),
             created=raw["created"],
             machine=raw.get("machine", ""),
         )
@@ -269,7 +287,12 @@ def _build_matrix(out: Path, manifests: list[Path], runtimes: list[RuntimeSpec])
                 cells.append(
                     Cell(record.target, record.file, record.part, record.precision, spec.name, "refused", str(error))
                 )
-    return CompatReport(tuple(columns), tuple(cells), tuple(coreml_checks(out)))
+    not_run = [
+        NotRun(record.target, record.file, NOT_RUN_REASONS.get(record.target, "no runtime build of its format here"))
+        for _, _, record in records
+        if record.target not in TARGET_FAMILIES and not record.file.endswith(".mlpackage")
+    ]
+    return CompatReport(tuple(columns), tuple(cells), tuple(coreml_checks(out)), tuple(not_run))
 
 
 def runtime_summary(report: CompatReport, file: str, target: str) -> dict[str, list[str]]:

@@ -40,6 +40,9 @@ def compat_markdown(report: CompatReport) -> str:
             f"| {c.target} | {c.file} | {c.specification_version} | {c.minimum_os} | {c.promised_os} | {c.verdict} |"
             for c in report.coreml
         ]
+    if report.not_run:
+        lines += ["", "## Not in the matrix", ""]
+        lines += [f"- {n.target} {n.file}: {n.reason}" for n in report.not_run]
     failures = report.gate_failures()
     lines += ["", f"Gate: {'FAILED, ' + str(len(failures)) + ' cells' if failures else 'no file answers wrong'}.", ""]
     return "\n".join(lines)
@@ -83,4 +86,7 @@ def compat_html(report: CompatReport) -> str:
             for c in report.coreml
         ]
         parts += ["<h3>Core ML packages (declared minimum OS)</h3>", table(header, rows)]
+    if report.not_run:
+        rows = [[n.target, n.file, n.reason] for n in report.not_run]
+        parts += ["<h3>Not in the matrix</h3>", table(["target", "file", "why"], rows)]
     return "".join(parts)
