@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
-import json
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -88,7 +87,7 @@ def asset_metadata(part: PartToConvert, precision: str) -> Any:
     metadata.set_custom("weights", part.weights_description or "unknown")
     metadata.set_custom("part", part.name)
     metadata.set_custom("precision", precision)
-    metadata.set_custom("contract", json.loads(json.dumps(part.contract.to_json())))
+    metadata.set_custom("contract", part.contract.to_json())
     return metadata
 
 
