@@ -8,23 +8,27 @@ embeddings, AdamW, 8 epochs) at 1024; `distillation/configs/smoke.toml` is the s
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import check_types, read_toml_table
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from pipeline.config import read_toml_table
 from pipeline.errors import ConfigError
 from pipeline.model import TEACHER_TYPES
+from pipeline.records import STRICT, one_line_errors
 
 STUDENT_DEFAULT = "tiny_vit"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class DistillConfig:
     teacher_type: str = "vit_h"
-    teacher_checkpoint: Path | None = None
+    teacher_checkpoint: Path | None = Field(default=None, strict=False)
     """Official SAM checkpoint; without one, a seeded random teacher (a smoke run, said plainly)."""
-    images: Path | None = None
+    images: Path | None = Field(default=None, strict=False)
     """A folder of images (recursive) or of SA-1B `sa_*.tar` files; default: the 13 sample photos shipped
     in pipeline/sample_photos (calibration/ then validation/, so held_out = 4 holds out the validation split)."""
     max_images: int | None = None
@@ -32,7 +36,7 @@ class DistillConfig:
     """The last images (sorted order) are never trained on; the evaluation uses them."""
     image_size: int = 1024
     """1024 with a real teacher; smaller sizes only for random-teacher smoke runs."""
-    out_dir: Path = Path("distill_out")
+    out_dir: Path = Field(default=Path("distill_out"), strict=False)
     cache_dtype: str = "float16"
     shard_size: int = 64
     student: str = STUDENT_DEFAULT
@@ -56,9 +60,9 @@ class DistillConfig:
     process_group_timeout_minutes: float = 60.0
     """How long a rank waits for the others (torchrun): a teacher cache shard or a checkpoint
     must take less."""
+    _errors = one_line_errors("distill config key ", ConfigError)
 
     def __post_init__(self) -> None:
-        check_types(self, "distill config")
         if self.teacher_type not in TEACHER_TYPES:
             raise ConfigError(f"teacher_type {self.teacher_type!r}; expected one of {', '.join(TEACHER_TYPES)}")
         if self.image_size % 16 or not 64 <= self.image_size <= 1024:

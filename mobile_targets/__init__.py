@@ -52,5 +52,5 @@ def load_artifact_runner(
     if check_sha256:
         verify_travelling_files(manifest_path, record)
     contract = manifest.contract(record.part)
-    options = manifest.config.get("target_options", {}).get(record.target, {})
-    return get_target(record.target).with_options(options).load_runner(path, contract, threads=threads)
+    target = get_target(record.target).with_options(manifest.target_options())
+    return target.load_runner(path, contract, threads=threads)

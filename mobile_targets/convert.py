@@ -344,9 +344,7 @@ class ManifestKeeper:
         except ArtifactError as error:
             log.warning("ignoring the earlier manifest: %s", error)
             return
-        if not same_weights(earlier.weights, self.template.weights) or earlier.config.get("num_points") != (
-            config.num_points
-        ):
+        if not same_weights(earlier.weights, self.template.weights) or earlier.config.num_points != config.num_points:
             self._supersede(earlier)
             return
         for record in earlier.artifacts:
@@ -371,7 +369,7 @@ class ManifestKeeper:
         log.warning(
             "%s held files of other weights or another N (%s); moved them to %s",
             self.out,
-            earlier.weights.get("description", "unknown weights"),
+            earlier.weights.description,
             folder,
         )
 
@@ -407,20 +405,21 @@ class ManifestKeeper:
     def leave_out(self, part: str, precision: str, reason: str) -> None:
         """An optional file (or one of MADE_WHERE_GATE_HOLDS) that missed its gate this time (an
         earlier file that passed stays listed)."""
-        self.not_made[(part, precision)] = ConversionFailure(part, precision, reason)
+        self.not_made[(part, precision)] = ConversionFailure(part=part, precision=precision, error=reason)
         self.write()
 
     def fail(self, part: str, precision: str, error: str) -> None:
-        self.failures[(part, precision)] = ConversionFailure(part, precision, error)
+        self.failures[(part, precision)] = ConversionFailure(part=part, precision=precision, error=error)
         self.write()
 
     @property
     def manifest(self) -> Manifest:
-        return replace(
-            self.template,
-            artifacts=tuple(self.records.values()),
-            failures=tuple(self.failures.values()),
-            not_made=tuple(self.not_made.values()),
+        return self.template.model_copy(
+            update={
+                "artifacts": tuple(self.records.values()),
+                "failures": tuple(self.failures.values()),
+                "not_made": tuple(self.not_made.values()),
+            }
         )
 
     def write(self) -> Path:

@@ -7,12 +7,13 @@ measured on real photos with seeded random weights (docs/validation.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic.dataclasses import dataclass
 
+from pipeline.records import STRICT
 from pipeline.selftest import Tolerance
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=STRICT)
 class Gate:
     """Minimums for one precision; a decoder is checked on every prompt kind."""
 

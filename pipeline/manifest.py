@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, computed_field, field_serializer
+
 from pipeline.contract import DEFAULT_BATCH_PROMPTS, PartContract, contract_for
 from pipeline.errors import ArtifactError
 from pipeline.files import atomic_write_json, sha256_file, size_bytes
+from pipeline.records import describe_validation_error
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -31,8 +33,84 @@ def tool_versions(*packages: str) -> dict[str, str]:
     return versions
 
 
-@dataclass(frozen=True)
-class ArtifactRecord:
+class _Record(BaseModel):
+    """A manifest record: immutable, unknown keys refused (a misspelt key is a mistake)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _OpenRecord(BaseModel):
+    """A record a target may extend with keys of its own (kept, and shown as extra in the schema)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+
+class WeightsRecord(_Record):
+    """The weights the files were converted from: a checkpoint (path, sha256) or a seed."""
+
+    model_type: str
+    checkpoint: str | None = None
+    sha256: str | None = None
+    seed: int | None = None
+    description: str = "unknown weights"
+
+
+class ManifestConfig(_Record):
+    """The run configuration the files were made with (`RunConfig.to_json`)."""
+
+    model_type: str = "vit_t"
+    checkpoint: str | None = None
+    weights_seed: int = 0
+    num_points: StrictInt
+    """Prompt slots N of every decoder file in the folder."""
+    batch_prompts: int = DEFAULT_BATCH_PROMPTS
+    """B of the batched decoder file (0: none made)."""
+    targets: list[str] = Field(default_factory=list)
+    precisions: list[str] = Field(default_factory=list)
+    out_dir: str | None = None
+    gates: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    target_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class OutputAgreement(_Record):
+    """One output of a fresh file on the example photo against PyTorch."""
+
+    psnr_db: float
+    max_abs_error: float
+
+
+class SelftestRecord(_OpenRecord):
+    """The `<stem>.selftest.npz` vectors that travel with a file, and what the file measured on them."""
+
+    file: str
+    sha256: str | None = None
+    cases: list[str] = Field(default_factory=list)
+    tolerance: dict[str, Any] = Field(default_factory=dict)
+    measured: dict[str, Any] = Field(default_factory=dict)
+
+
+class CompanionRecord(_OpenRecord):
+    """A file a target writes beside the artifact (ExecuTorch's BundledProgram `.bpte`)."""
+
+    file: str
+    sha256: str | None = None
+
+
+class ArtifactDetails(_OpenRecord):
+    """What the conversion measured and wrote beside the file; targets add keys of their own."""
+
+    conversion_seconds: float | None = None
+    gate: dict[str, OutputAgreement] = Field(default_factory=dict)
+    """The convert stage's check right after conversion, per output."""
+    selftest: SelftestRecord | None = None
+    companions: list[CompanionRecord] = Field(default_factory=list)
+    runtimes: dict[str, Any] | None = None
+    """Where a compat run proved the file (`pass`), and where it was refused or wrong."""
+    arithmetic: str | None = None
+    minimum_deployment_target: str | None = None
+
+
+class ArtifactRecord(_Record):
     """One converted file (or `.mlpackage` folder), relative to the manifest's folder."""
 
     file: str
@@ -42,7 +120,13 @@ class ArtifactRecord:
     target: str
     precision: str
     contract: dict[str, Any]
-    details: dict[str, Any] = field(default_factory=dict)
+    details: ArtifactDetails = Field(default_factory=ArtifactDetails)
+
+    @field_serializer("details", mode="wrap")
+    def _details_without_empty(self, details: ArtifactDetails, handler: Any):
+        """Keys a target did not fill stay out of manifest.json (no return type: the schema stays
+        the field's)."""
+        return {key: value for key, value in handler(details).items() if value not in (None, [], {})}
 
     @classmethod
     def describe_file(cls, path: Path, root: Path, content: Path | None = None, **fields: Any) -> ArtifactRecord:
@@ -54,8 +138,7 @@ class ArtifactRecord:
         )
 
 
-@dataclass(frozen=True)
-class ConversionFailure:
+class ConversionFailure(_Record):
     """A conversion that failed in the latest run; an earlier file of that part and precision, if
     any, is still listed under `artifacts` and still on disk."""
 
@@ -64,37 +147,46 @@ class ConversionFailure:
     error: str
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(_Record):
+    """`<out>/<target>/manifest.json`: the files of one target, their weights and contract."""
+
     target: str
-    weights: dict[str, Any]
-    config: dict[str, Any]
+    weights: WeightsRecord
+    config: ManifestConfig
     tool_versions: dict[str, str]
     artifacts: tuple[ArtifactRecord, ...]
     failures: tuple[ConversionFailure, ...] = ()
     not_made: tuple[ConversionFailure, ...] = ()
     """Optional files (the batched decoder) that converted but missed their precision's gate, so
     they are not shipped; not failures."""
-    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     schema_version: int = SCHEMA_VERSION
 
     def contract(self, part: str) -> PartContract:
         """A part's contract as this manifest's files were converted (N slots, B prompts)."""
-        return contract_for(part, self.config["num_points"], self.config.get("batch_prompts", DEFAULT_BATCH_PROMPTS))
+        return contract_for(part, self.config.num_points, self.config.batch_prompts)
 
+    @computed_field  # type: ignore[prop-decorator]
     @property
     def random_weights(self) -> bool:
-        return self.weights.get("checkpoint") is None
+        return self.weights.checkpoint is None
+
+    def target_options(self) -> dict[str, Any]:
+        """The converter options this folder's files were made with (`[target_options.<target>]`)."""
+        return self.config.target_options.get(self.target, {})
 
     def to_json(self) -> dict[str, Any]:
-        payload = asdict(self)
-        payload["random_weights"] = self.random_weights
-        return payload
+        return self.model_dump(mode="python")
 
     def write(self, folder: Path) -> Path:
         path = Path(folder) / MANIFEST_NAME
         atomic_write_json(path, self.to_json())
         return path
+
+
+def manifest_schema() -> dict[str, Any]:
+    """manifest.json's JSON Schema, as an app's build script reads the file (docs/manifest.schema.json)."""
+    return Manifest.model_json_schema(mode="serialization")
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -108,24 +200,18 @@ def read_manifest(path: Path) -> Manifest:
         raise ArtifactError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
         raise ArtifactError(f"{path} is not a manifest of schema version {SCHEMA_VERSION}")
+    raw.pop("random_weights", None)
     try:
-        raw.pop("random_weights", None)
-        artifacts = tuple(ArtifactRecord(**item) for item in raw.pop("artifacts"))
-        failures = tuple(ConversionFailure(**item) for item in raw.pop("failures", []))
-        not_made = tuple(ConversionFailure(**item) for item in raw.pop("not_made", []))
-        manifest = Manifest(artifacts=artifacts, failures=failures, not_made=not_made, **raw)
-    except (KeyError, TypeError, AttributeError) as error:
-        raise ArtifactError(f"{path} is missing manifest fields or has malformed ones: {error}") from None
-    if not isinstance(manifest.weights, dict) or not isinstance(manifest.config, dict):
-        raise ArtifactError(f"{path}: weights and config must be JSON objects")
-    if not isinstance(manifest.config.get("num_points"), int):
-        raise ArtifactError(f"{path}: config.num_points must be an integer, got {manifest.config.get('num_points')!r}")
-    return manifest
+        return Manifest.model_validate(raw)
+    except ValidationError as error:
+        raise ArtifactError(
+            f"{path} is missing manifest fields or has malformed ones: {describe_validation_error(error, '')}"
+        ) from None
 
 
-def same_weights(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def same_weights(a: WeightsRecord, b: WeightsRecord) -> bool:
     """Two manifests' weights are the same model: same type and checkpoint content, or same seed."""
-    return all(a.get(key) == b.get(key) for key in ("model_type", "sha256", "seed"))
+    return (a.model_type, a.sha256, a.seed) == (b.model_type, b.sha256, b.seed)
 
 
 def find_manifests(root: Path) -> list[Path]:
@@ -156,11 +242,10 @@ def travelling_files(record: ArtifactRecord) -> dict[str, str | None]:
     its self-test vectors and its companions (ExecuTorch's BundledProgram), each with the sha256
     the manifest recorded (None when it recorded none)."""
     files: dict[str, str | None] = {}
-    selftest = record.details.get("selftest")
-    if isinstance(selftest, dict) and selftest.get("file"):
-        files[str(selftest["file"])] = selftest.get("sha256")
-    for companion in record.details.get("companions", []):
-        files[str(companion["file"])] = companion.get("sha256")
+    if record.details.selftest is not None:
+        files[record.details.selftest.file] = record.details.selftest.sha256
+    for companion in record.details.companions:
+        files[companion.file] = companion.sha256
     return files
 
 
@@ -182,10 +267,14 @@ def verify_travelling_files(manifest_path: Path, record: ArtifactRecord) -> None
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise ArtifactError(f"{manifest_path}: {name!r} leaves the manifest's folder")
         if not path.is_file():
-            vectors = name == record.details.get("selftest", {}).get("file")
+            vectors = record.details.selftest is not None and name == record.details.selftest.file
             raise ArtifactError(f"{'self-test vectors' if vectors else 'companion file'} not found: {path}")
         if digest and sha256_file(path) != digest:
             raise ArtifactError(
                 f"{path} is not the file converted with {record.file} (sha256 {sha256_file(path)[:12]} vs "
                 f"manifest {digest[:12]}): a damaged file, or one of another run"
             )
+
+
+if __name__ == "__main__":  # python -m pipeline.manifest > docs/manifest.schema.json
+    print(json.dumps(manifest_schema(), indent=2))

@@ -237,7 +237,13 @@ def test_validate_isolates_every_failure(coreml_fp32, tmp_path, capsys, monkeypa
         garbage, garbage.parent, part="prompt_decoder", target="executorch", precision="fp32",
         contract=coreml_manifest.artifacts[1].contract,
     )  # fmt: skip
-    Manifest("executorch", coreml_manifest.weights, coreml_manifest.config, {}, (record,)).write(garbage.parent)
+    Manifest(
+        target="executorch",
+        weights=coreml_manifest.weights,
+        config=coreml_manifest.config,
+        tool_versions={},
+        artifacts=(record,),
+    ).write(garbage.parent)
     status, _, stderr = run_stage(
         "validation", "--out", out, "--max-images", 1, "--skip-baselines", capsys=capsys, monkeypatch=monkeypatch
     )
@@ -351,7 +357,7 @@ def test_changed_checkpoint_is_refused_by_sha256(tmp_path):
     checkpoint = tmp_path / "mobile_sam.pt"
     checkpoint.write_bytes(b"the weights the files came from")
     weights = WeightsSource("vit_t", str(checkpoint), sha256_file(checkpoint), None).to_json()
-    manifest = Manifest("coreml", weights, RunConfig().to_json(), {}, ())
+    manifest = Manifest(target="coreml", weights=weights, config=RunConfig().to_json(), tool_versions={}, artifacts=())
     assert reference_weights(manifest, None) == ("vit_t", checkpoint, 0)
     other = tmp_path / "retrained.pt"
     other.write_bytes(b"other weights")

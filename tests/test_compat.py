@@ -160,19 +160,20 @@ def test_every_pte_ships_a_bundled_program_that_executorch_verifies(executorch_c
     target = get_target("executorch")
     companions = {}
     for record in manifest.artifacts:
-        (companion,) = record.details["companions"]
+        (companion_record,) = record.details.companions
+        companion = companion_record.model_dump()
         path = manifest_path.parent / companion["file"]
         assert companion["file"] == Path(record.file).stem + BUNDLED_SUFFIX
         assert sha256_file(path) == companion["sha256"]
-        assert len(companion["atol"]) == len(record.details["selftest"]["cases"])
+        assert len(companion["atol"]) == len(record.details.selftest.cases)
         assert "bundled cases verified by ExecuTorch" in target.verify_companion(path, companion)
         companions[(record.part, record.precision)] = (record, companion)
     fp32_record, fp32_companion = companions[("image_encoder", "fp32")]
     int8_record, _ = companions[("image_encoder", "int8")]
     contract = manifest.contract("image_encoder")
     cases = read_vectors(
-        manifest_path.parent / fp32_record.details["selftest"]["file"],
-        fp32_record.details["selftest"]["cases"],
+        manifest_path.parent / fp32_record.details.selftest.file,
+        fp32_record.details.selftest.cases,
         contract,
     )
     content, _ = bundled_program(manifest_path.parent / int8_record.file, contract, tuple(cases))
@@ -222,7 +223,13 @@ def test_files_outside_the_matrix_are_listed_with_the_reason(tmp_path):
     record = ArtifactRecord.describe_file(
         asset, folder, part="image_encoder", target="coreai", precision="fp32", contract={}
     )
-    Manifest("coreai", {"model_type": "vit_t", "seed": 0}, {"num_points": 5}, {}, (record,)).write(folder)
+    Manifest(
+        target="coreai",
+        weights={"model_type": "vit_t", "seed": 0},
+        config={"num_points": 5},
+        tool_versions={},
+        artifacts=(record,),
+    ).write(folder)
     report = build_matrix(tmp_path / "out", [runtime_spec(name) for name in QUICK_RUNTIMES])
     assert report.runtimes == () and report.cells == ()
     (not_run,) = report.not_run

@@ -61,7 +61,13 @@ def test_manifest_round_trip_and_random_weights_flag(tmp_path):
         contract=encoder_contract().to_json(),
     )
     weights = WeightsSource("vit_t", None, None, 0).to_json()
-    manifest = Manifest("coreml", weights, RunConfig().to_json(), tool_versions(), (record,))
+    manifest = Manifest(
+        target="coreml",
+        weights=weights,
+        config=RunConfig().to_json(),
+        tool_versions=tool_versions(),
+        artifacts=(record,),
+    )
     path = manifest.write(artifact.parent)
     raw = json.loads(path.read_text())
     assert raw["random_weights"] is True and raw["weights"]["description"] == "random init, seed 0"
@@ -79,6 +85,31 @@ def test_read_manifest_errors(tmp_path):
     bad.write_text("{")
     with pytest.raises(ArtifactError, match="not valid JSON"):
         read_manifest(bad)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(
+        json.dumps(
+            {
+                "schema_version": 1,
+                "target": "tflite",
+                "weights": {"model_type": "vit_t", "seed": 0},
+                "config": {"num_points": "5"},
+                "tool_versions": {},
+                "artifacts": [],
+            }
+        )
+    )
+    with pytest.raises(ArtifactError, match=r"malformed ones: config\.num_points must be int, got str '5'"):
+        read_manifest(wrong)
+
+
+def test_published_manifest_schema_is_current():
+    """docs/manifest.schema.json is what an app's build script validates manifest.json with:
+    it must be the schema the code reads and writes (`python -m pipeline.manifest` writes it)."""
+    from pipeline.manifest import manifest_schema
+
+    published = json.loads((Path(__file__).parents[1] / "docs" / "manifest.schema.json").read_text())
+    assert published == manifest_schema()
+    assert {"weights", "config", "artifacts", "random_weights"} <= set(published["properties"])
 
 
 def test_failed_produce_keeps_earlier_artifact(tmp_path):
@@ -141,10 +172,10 @@ def test_other_weights_are_moved_aside_never_deleted(tmp_path):
     _, _, other = _keeper_folder(tmp_path, seed=1)
     moved = other()
     assert moved.manifest.artifacts == ()
-    assert read_manifest(out / "manifest.json").weights["seed"] == 1  # never a folder without a manifest
+    assert read_manifest(out / "manifest.json").weights.seed == 1  # never a folder without a manifest
     (folder,) = (out / "superseded").iterdir()
     assert (folder / "enc_fp32.tflite").read_bytes() == b"enc_fp32.tflite\x00"
-    assert read_manifest(folder / "manifest.json").weights["seed"] == 0
+    assert read_manifest(folder / "manifest.json").weights.seed == 0
 
 
 def test_target_options_name_known_targets_and_booleans_are_strict():

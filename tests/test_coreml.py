@@ -59,7 +59,7 @@ def test_manifest_lists_packages_with_metadata(coreml_run):
         package = verify_artifact(manifest_path, record)
         assert package.is_dir() and package.suffix == ".mlpackage"
         assert all(p.stat().st_mode & stat.S_IROTH for p in package.rglob("*"))
-        assert record.details["minimum_deployment_target"] == "iOS17"
+        assert record.details.minimum_deployment_target == "iOS17"
         spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
         assert spec.WhichOneof("Type") == "mlProgram"
         metadata = spec.description.metadata

@@ -341,7 +341,7 @@ def test_student_checkpoint_goes_through_convert(uninterrupted, tmp_path):
     upstream.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True), strict=True)
     config = RunConfig(checkpoint=checkpoint, precisions=("fp16",), out_dir=tmp_path, batch_prompts=0)
     manifest = read_manifest(convert_target("coreml", config))
-    assert len(manifest.artifacts) == 2 and manifest.weights["sha256"] == source.sha256
+    assert len(manifest.artifacts) == 2 and manifest.weights.sha256 == source.sha256
 
 
 def test_config_and_student_choices():

@@ -121,7 +121,13 @@ def test_recovery_puts_back_what_the_manifest_records_and_removes_leftovers(tmp_
 
 def _empty_manifest_folder(folder: Path) -> None:
     folder.mkdir(parents=True)
-    Manifest("tflite", {"model_type": "vit_t", "seed": 0}, {"num_points": 5}, {}, ()).write(folder)
+    Manifest(
+        target="tflite",
+        weights={"model_type": "vit_t", "seed": 0},
+        config={"num_points": 5},
+        tool_versions={},
+        artifacts=(),
+    ).write(folder)
 
 
 def test_one_writer_per_folder(tmp_path):
@@ -184,9 +190,7 @@ def test_manifest_that_cannot_be_written_puts_the_earlier_files_back(tflite_conv
         return real_write(manifest, target)
 
     monkeypatch.setattr(Manifest, "write", write)
-    config = RunConfig(
-        checkpoint=Path(earlier.weights["checkpoint"]), precisions=("fp32",), out_dir=out, batch_prompts=0
-    )
+    config = RunConfig(checkpoint=Path(earlier.weights.checkpoint), precisions=("fp32",), out_dir=out, batch_prompts=0)
     # the weights are the same, so the conversion is bit-identical: make it differ
     monkeypatch.setattr("mobile_targets.tflite.converter.short_tensor_names", lambda data: data)
     with pytest.raises(ArtifactError, match=r"2 conversion\(s\) failed: image_encoder fp32: .*No space left on device"):

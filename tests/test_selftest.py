@@ -28,26 +28,26 @@ def test_vectors_hold_pytorch_fp32_not_the_file(coreml_fp32):
     photos = CocoPhotos.sample("calibration")
     expected_embeddings = reference.set_image(photos.image(photos.image_ids()[0]))
     for record in manifest.artifacts:
-        info = record.details["selftest"]
-        assert info["file"] == record.file.replace(".mlpackage", ".selftest.npz")
-        assert info["tolerance"] == selftest_tolerance(DEFAULT_GATES["fp32"], record.part).to_json()
-        with np.load(coreml_fp32 / "coreml" / info["file"]) as archive:
+        info = record.details.selftest
+        assert info.file == record.file.replace(".mlpackage", ".selftest.npz")
+        assert info.tolerance == selftest_tolerance(DEFAULT_GATES["fp32"], record.part).to_json()
+        with np.load(coreml_fp32 / "coreml" / info.file) as archive:
             contract = manifest.contract(record.part)
             assert sorted(archive.files) == sorted(
-                [f"case{i}.input.{n}" for i in range(len(info["cases"])) for n in contract.input_names]
-                + [f"case{i}.expected.{n}" for i in range(len(info["cases"])) for n in contract.output_names]
+                [f"case{i}.input.{n}" for i in range(len(info.cases)) for n in contract.input_names]
+                + [f"case{i}.expected.{n}" for i in range(len(info.cases)) for n in contract.output_names]
             )
-        cases = read_vectors(coreml_fp32 / "coreml" / info["file"], info["cases"], contract)
+        cases = read_vectors(coreml_fp32 / "coreml" / info.file, info.cases, contract)
         if record.part == "image_encoder":
             np.testing.assert_allclose(cases[0].expected["image_embeddings"], expected_embeddings, rtol=0, atol=1e-6)
         elif record.part == "prompt_decoder_batched":  # the four one-prompt vectors' prompts, then grid points
-            assert info["cases"] == ["grid"]
+            assert info.cases == ["grid"]
             (grid,) = cases
             outputs = reference.decoder.run(grid.inputs)
             for name, value in grid.expected.items():
                 np.testing.assert_allclose(value, outputs[name], rtol=0, atol=1e-5)
         else:
-            assert info["cases"] == ["point", "box", "box_point", "refine"]
+            assert info.cases == ["point", "box", "box_point", "refine"]
             refine = cases[3]
             assert refine.inputs["has_mask_input"].tolist() == [1.0] and refine.inputs["mask_input"].any()
             for case in cases:  # PyTorch on the vector's own inputs

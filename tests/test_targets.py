@@ -68,13 +68,13 @@ def test_manifest_lists_every_part_and_precision(converted):
     found = {(a.part, a.precision) for a in manifest.artifacts}
     assert found == {(p, q) for p in (ENCODER, DECODER, BATCHED_DECODER) for q in default_precisions(target)}
     assert (manifest_path.parent / f"prompt_decoder_b{BATCH}_fp32{EXTENSIONS[manifest.target]}").is_file()
-    assert not manifest.random_weights and manifest.weights["sha256"]
+    assert not manifest.random_weights and manifest.weights.sha256
     for record in manifest.artifacts:
         assert verify_artifact(manifest_path, record).suffix == EXTENSIONS[manifest.target]
         assert record.contract["part"] == record.part
-        assert record.details["conversion_seconds"] > 0 and record.details["gate"]
+        assert record.details.conversion_seconds > 0 and record.details.gate
         if manifest.target == "executorch":
-            assert record.details["xnnpack_delegated_nodes"] > 0
+            assert record.details.model_extra["xnnpack_delegated_nodes"] > 0
 
 
 def test_fp32_files_are_the_size_of_their_parameters(converted, our_model):

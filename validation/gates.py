@@ -4,10 +4,13 @@ themselves live in pipeline.gates, shared with the self-test vectors)."""
 from __future__ import annotations
 
 import math
-from dataclasses import fields
+from dataclasses import asdict, fields
+
+from pydantic import ValidationError
 
 from pipeline.errors import ConfigError
 from pipeline.gates import DEFAULT_GATES, Gate
+from pipeline.records import describe_validation_error
 from validation.schema import ArtifactResult, PairResult
 
 __all__ = ["DEFAULT_GATES", "Gate", "gate_failures", "gates_from_config", "looser_gate"]
@@ -23,12 +26,10 @@ def gates_from_config(raw: dict[str, dict[str, float]] | None) -> dict[str, Gate
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"gates.{precision}: unknown keys {unknown}; expected some of {sorted(known)}")
-        for key, value in values.items():
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ConfigError(
-                    f"gates.{precision}.{key} must be a finite number, got {type(value).__name__} {value!r}"
-                )
-        gates[precision] = Gate(**{**gates[precision].__dict__, **values})
+        try:
+            gates[precision] = Gate(**{**asdict(gates[precision]), **values})
+        except ValidationError as error:
+            raise ConfigError(describe_validation_error(error, f"gates.{precision}.")) from None
     return gates
 
 

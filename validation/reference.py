@@ -122,13 +122,13 @@ def reference_weights(manifest: Manifest, checkpoint: Path | None) -> tuple[str,
     sha256 must equal the manifest's, or the run is refused: scoring files against other weights
     would measure nothing."""
     weights = manifest.weights
-    model_type = weights.get("model_type")
-    recorded = weights.get("checkpoint")
+    model_type = weights.model_type
+    recorded = weights.checkpoint
     if checkpoint is None and recorded is None:
-        return model_type, None, int(weights.get("seed") or 0)
+        return model_type, None, int(weights.seed or 0)
     if recorded is None:
         raise ArtifactError(
-            f"the {manifest.target} files were converted from random weights ({weights.get('description')}), "
+            f"the {manifest.target} files were converted from random weights ({weights.description}), "
             f"not from --checkpoint {checkpoint}; convert again with --checkpoint, or validate without it"
         )
     path = Path(checkpoint) if checkpoint is not None else Path(recorded)
@@ -138,9 +138,9 @@ def reference_weights(manifest: Manifest, checkpoint: Path | None) -> tuple[str,
             "with the weights the files were converted from"
         )
     digest = sha256_file(path)
-    if digest != weights.get("sha256"):
+    if digest != weights.sha256:
         raise ArtifactError(
             f"checkpoint {path} has sha256 {digest[:12]}, but the {manifest.target} files were converted from "
-            f"sha256 {str(weights.get('sha256'))[:12]}: the weights changed, refusing to score; convert again"
+            f"sha256 {str(weights.sha256)[:12]}: the weights changed, refusing to score; convert again"
         )
     return model_type, path, 0

@@ -198,7 +198,7 @@ def validate_everything(
             encoder,
             decoder,
             batch,
-            manifest.config["num_points"],
+            manifest.config.num_points,
             images,
             cache["masks"],
             settings.everything_points_per_side,
@@ -288,10 +288,10 @@ def validate_run(
                 run.target = manifest.target
                 target = get_target(manifest.target)  # an unknown target name is this run's error
                 model_type, weights_path, seed = reference_weights(manifest, checkpoint)
-                key = json.dumps([model_type, manifest.weights.get("sha256"), seed, manifest.config["num_points"]])
+                key = json.dumps([model_type, manifest.weights.sha256, seed, manifest.config.num_points])
                 if key not in reference_runs:  # targets converted from the same weights share one reference
                     sam, source = load_model(model_type, weights_path, seed)
-                    predictor = ReferencePredictor(sam, num_points=manifest.config["num_points"])
+                    predictor = ReferencePredictor(sam, num_points=manifest.config.num_points)
                     if teacher_predictor is not None:
                         teacher_predictor.num_points = predictor.num_points
                     references = build_reference(predictor, photos, settings, teacher_predictor)

@@ -60,7 +60,7 @@ def file_generator(
     encoder = load_artifact_runner(manifest_path, manifest, encoder_record, threads)
     decoder = load_artifact_runner(manifest_path, manifest, decoder_record, threads)
     batch = prompts_per_call(manifest.contract(BATCHED_DECODER))
-    predictor = RunnerPredictor(encoder, BatchedDecoder(decoder, batch), manifest.config["num_points"])
+    predictor = RunnerPredictor(encoder, BatchedDecoder(decoder, batch), manifest.config.num_points)
     return AutomaticMaskGenerator(predictor, **options)
 
 

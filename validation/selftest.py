@@ -30,18 +30,18 @@ class SelftestOutcome:
 def selftest_artifact(manifest_path: Path, manifest: Manifest, record: ArtifactRecord, threads: int) -> SelftestOutcome:
     """Run one file's vectors; any failure (missing vectors, unloadable file, a miss) is one line."""
     name = f"{record.target} {record.part} {record.precision}"
-    info = record.details.get("selftest")
-    if not info:
+    info = record.details.selftest
+    if info is None:
         return SelftestOutcome(name, False, "no self-test vectors in the manifest (converted before they existed?)")
     try:
         contract = manifest.contract(record.part)
         runner = load_artifact_runner(manifest_path, manifest, record, threads)  # file and vectors as recorded
-        cases = read_vectors(manifest_path.parent / info["file"], info["cases"], contract)
-        tolerance = Tolerance(**info["tolerance"])
+        cases = read_vectors(manifest_path.parent / info.file, info.cases, contract)
+        tolerance = Tolerance(**info.tolerance)
         results = run_vectors(runner, cases, tolerance)
         target = get_target(record.target)
         folder = manifest_path.parent
-        companions = [target.verify_companion(folder / c["file"], c) for c in record.details.get("companions", [])]
+        companions = [target.verify_companion(folder / c.file, c.model_dump()) for c in record.details.companions]
     except Exception as error:  # one file's failure never stops the others
         return SelftestOutcome(name, False, one_line(error))
     misses = [miss for result in results for miss in result.misses]

@@ -88,11 +88,11 @@ class FileUnderTest:
 
     def inputs(self) -> dict[str, np.ndarray]:
         """The first self-test case's inputs: a real photo (and prompt) prepared by the contract."""
-        info = self.record.details.get("selftest")
-        if not info:
+        info = self.record.details.selftest
+        if info is None:
             raise PipelineError(f"{self.path} has no self-test vectors to time it on; convert it again")
         contract = self.manifest.contract(self.record.part)
-        cases = read_vectors(self.manifest_path.parent / info["file"], info["cases"], contract)
+        cases = read_vectors(self.manifest_path.parent / info.file, info.cases, contract)
         return cases[0].inputs
 
 
@@ -111,7 +111,7 @@ def benchmark_artifact(item: FileUnderTest, threads: list[int], warmup: int, run
     record = item.record
     runtime = get_target(record.target).runtime_name
     result = ArtifactBenchmark(record.target, record.part, record.precision, str(item.path), record.bytes, runtime)
-    result.arithmetic = record.details.get("arithmetic")
+    result.arithmetic = record.details.arithmetic
     result.not_timed = get_target(record.target).emulation_note()
     if record.part in DECODER_PARTS:
         result.prompts_per_call = prompts_per_call(item.manifest.contract(record.part))
@@ -209,8 +209,7 @@ def point_sweep(
                 path = out / SWEEP_FOLDER / f"N{count}" / record.target / Path(record.file).name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    options = item.manifest.config.get("target_options", {}).get(record.target, {})
-                    target = get_target(record.target).with_options(options)
+                    target = get_target(record.target).with_options(item.manifest.target_options())
                     convert_one(target, decoder, record.precision, path, expected, place_without_manifest)
                     runner = target.load_runner(path, decoder.contract, threads=threads)
                     timing = time_call(lambda runner=runner, named=named: runner.run(named), threads, warmup, runs)
@@ -329,7 +328,7 @@ def tflite_profile(item: FileUnderTest, threads: int, runs: int = 3) -> OpProfil
         runner = load_artifact_runner(item.manifest_path, item.manifest, record, threads)
         measured = profile_ops(item.path, runner.file_inputs(item.inputs()), threads, runs)
         profile.total_ms = measured.total_ms
-        arithmetic = "xnnpack fp16" if item.record.details.get("arithmetic") == "fp16" else "xnnpack fp32"
+        arithmetic = "xnnpack fp16" if item.record.details.arithmetic == "fp16" else "xnnpack fp32"
         profile.ops = [
             OpCost(op.name, classify_event(op.name, op.delegated, arithmetic), op.count, op.ms) for op in measured.ops
         ]
@@ -369,7 +368,7 @@ def run_benchmark(
         raise PipelineError(f"{out} needs at least one encoder and one decoder file to compare with PyTorch")
     model_type, checkpoint, seed = reference_weights(encoders[0].manifest, None)
     sam, _ = load_model(model_type, checkpoint, seed)
-    reference = ReferencePredictor(sam, encoders[0].manifest.config["num_points"])
+    reference = ReferencePredictor(sam, encoders[0].manifest.config.num_points)
     encoder_inputs, decoder_inputs = encoders[0].inputs(), decoders[0].inputs()
     timed_targets = sorted({f.record.target for f in files if not get_target(f.record.target).emulation_note()})
     timed_decoders = [

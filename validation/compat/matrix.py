@@ -167,10 +167,12 @@ def run_in_runtime(
     manifest records."""
     from mobile_targets.tflite.converter import to_file_dtype, to_float
 
-    info = record.details["selftest"]
+    info = record.details.selftest
+    if info is None:
+        raise PipelineError(f"{record.file}: no self-test vectors in the manifest")
     contract = manifest.contract(record.part)
-    cases = read_vectors(vectors, info["cases"], contract)
-    tolerance = Tolerance(**info["tolerance"])
+    cases = read_vectors(vectors, info.cases, contract)
+    tolerance = Tolerance(**info.tolerance)
 
     def cell(verdict: str, detail: str) -> Cell:
         return Cell(record.target, record.file, record.part, record.precision, spec.name, verdict, detail)
@@ -240,7 +242,7 @@ def coreml_checks(out: Path) -> list[CoreMLCheck]:
             spec = ct.utils.load_spec(str(verify_artifact(manifest_path, record)))
             version = int(spec.specificationVersion)
             minimum = COREML_SPEC_MINIMUM_OS.get(version, f"spec {version}")
-            promised = str(record.details.get("minimum_deployment_target", "iOS17"))
+            promised = record.details.minimum_deployment_target or "iOS17"
             verdict = "pass" if minimum == promised else "mismatch"
             checks.append(CoreMLCheck(record.target, record.file, version, minimum, promised, verdict))
     return checks
@@ -279,9 +281,9 @@ def _build_matrix(out: Path, manifests: list[Path], runtimes: list[RuntimeSpec])
             try:
                 path = verify_artifact(manifest_path, record)
                 verify_travelling_files(manifest_path, record)
-                if "selftest" not in record.details:
+                if record.details.selftest is None:
                     raise PipelineError(f"{record.file}: no self-test vectors in the manifest")
-                vectors = manifest_path.parent / record.details["selftest"]["file"]
+                vectors = manifest_path.parent / record.details.selftest.file
                 cells.append(run_in_runtime(spec, python, path, record, manifest, vectors))
             except PipelineError as error:
                 cells.append(

@@ -165,10 +165,10 @@ class TryoutEngine:
     def reference(self, choice: FileChoice) -> ReferencePredictor:
         """PyTorch on the weights the file was converted from (sha256 checked, or the recorded seed)."""
         model_type, path, seed = reference_weights(choice.manifest, self.checkpoint)
-        key = f"{model_type} {choice.manifest.weights.get('sha256')} {seed} {choice.manifest.config['num_points']}"
+        key = f"{model_type} {choice.manifest.weights.sha256} {seed} {choice.manifest.config.num_points}"
         if key not in self._references:
             sam, _ = load_model(model_type, path, seed)
-            self._references[key] = ReferencePredictor(sam, choice.manifest.config["num_points"])
+            self._references[key] = ReferencePredictor(sam, choice.manifest.config.num_points)
         return self._references[key]
 
     def _prepared(self, photo_key: str, image: np.ndarray) -> PreparedImage:
@@ -191,7 +191,7 @@ class TryoutEngine:
         encoder_choice, decoder_choice = self.choice(encoder, ENCODER), self.choice(decoder, DECODER)
         if encoder_choice.record.target != decoder_choice.record.target:
             raise PipelineError("pick an encoder and a decoder of the same target (their pairs are what ships)")
-        num_points = decoder_choice.manifest.config["num_points"]
+        num_points = decoder_choice.manifest.config.num_points
         if clicks.slots > num_points:
             raise PipelineError(
                 f"{clicks.slots} prompt slots (points, and 2 for a box) but this decoder file takes {num_points}; "
@@ -243,7 +243,7 @@ class TryoutEngine:
         predictor = RunnerPredictor(
             self.runner(encoder_choice),
             BatchedDecoder(self.runner(decoder_choice), batch),
-            decoder_choice.manifest.config["num_points"],
+            decoder_choice.manifest.config.num_points,
         )
         start = time.perf_counter()
         records = AutomaticMaskGenerator(predictor, points_per_side=points_per_side).generate(image)

@@ -183,7 +183,7 @@ def build_page(engine: TryoutEngine, sample_photos: dict[str, Path]) -> gr.Block
             message = (
                 f"Mask IoU files vs PyTorch **{answer.iou:.4f}**; {encoded}, decoder {answer.decoder_ms:.0f} ms "
                 f"(PyTorch decoder {answer.pytorch_decoder_ms:.0f} ms); {clicks.slots} of "
-                f"{engine.choice(decoder_label, DECODER).manifest.config['num_points']} prompt slots used; "
+                f"{engine.choice(decoder_label, DECODER).manifest.config.num_points} prompt slots used; "
                 f"the files' multimask candidates 1-3 predict IoU {scores} (output {answer.file.selected} shown)."
             )
             info = {"click": [x, y], "points": clicks.points, "box": clicks.box, **answer.details()}
