@@ -168,6 +168,14 @@ def benchmark(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def results(session: nox.Session) -> None:
+    """docs/results.md from the result files under the given folders:
+    `nox -s results -- --from artifacts [more folders] [--page docs/results.md]`."""
+    install_project(session, "validate")
+    session.run("python", "-m", "validation.results", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def segment_everything(session: nox.Session) -> None:
     """Segment everything in one photo with a target's encoder and batched decoder files.
 

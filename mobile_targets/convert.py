@@ -46,6 +46,7 @@ from pipeline.metrics import max_abs_error, psnr_db, require_finite
 from pipeline.model import describe_architecture
 from pipeline.predictor import ReferencePredictor, stack_prompts
 from pipeline.processing import Prompt
+from pipeline.provenance import command_line
 from pipeline.selftest import SelftestCase, run_vectors, selftest_path, write_vectors
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class CalibrationPhotos:
                 previous = reference.predict(point, multimask_output=True).best_low_res_mask
                 for kind in (point, Prompt(box=prompt.box), replace(point, mask_input=previous)):
                     rows.append(reference.decoder_inputs(kind))
-            prepared.append(({"image": reference.prepared.image}, rows))
+            prepared.append((reference.prepared.encoder_inputs(), rows))
         return prepared
 
     def encoder_samples(self) -> tuple[dict[str, np.ndarray], ...]:
@@ -201,7 +202,7 @@ def selftest_cases(
     prepared photo; the decoder on PyTorch's embeddings with a point, a box, both, and a refinement
     (the point again with the first pass's best low-res mask as mask_input). Expected: PyTorch fp32."""
     encoder_case = SelftestCase(
-        "photo", {"image": reference.prepared.image}, {"image_embeddings": reference.embeddings}
+        "photo", reference.prepared.encoder_inputs(), {"image_embeddings": reference.embeddings}
     )
     point = Prompt(points=prompt.points, labels=prompt.labels)
     first_pass = reference.predict(point, multimask_output=True)
@@ -329,6 +330,7 @@ class ManifestKeeper:
             config=config.to_json(),
             tool_versions=tool_versions(*target.tool_packages()),
             artifacts=(),
+            command=command_line(),
         )
         self.records: dict[tuple[str, str], ArtifactRecord] = {}
         self.failures: dict[tuple[str, str], ConversionFailure] = {}

@@ -160,6 +160,8 @@ class Manifest(_Record):
     """Optional files (the batched decoder) that converted but missed their precision's gate, so
     they are not shipped; not failures."""
     created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    command: str = ""
+    """The convert command that made the folder (empty: not recorded)."""
     schema_version: int = SCHEMA_VERSION
 
     def contract(self, part: str) -> PartContract:

@@ -121,6 +121,11 @@ class Prediction:
         return self.low_res_masks[0, self.selected]
 
 
+def embed(encoder: NamedRunner, prepared: PreparedImage) -> np.ndarray:
+    """An encoder (a file's runner or PyTorch) on a prepared photo: its 1x256x64x64 embeddings."""
+    return encoder.run(prepared.encoder_inputs())["image_embeddings"]
+
+
 class Segmenter:
     """Encode a photo once (or take its embeddings), then decode any number of prompts."""
 
@@ -135,7 +140,7 @@ class Segmenter:
         if self.encoder is None:
             raise RuntimeError("this segmenter has no encoder: call set_embeddings")
         prepared = prepare_image(image)
-        return self.set_embeddings(prepared, self.encoder.run({"image": prepared.image})["image_embeddings"])
+        return self.set_embeddings(prepared, embed(self.encoder, prepared))
 
     def set_embeddings(self, prepared: PreparedImage, embeddings: np.ndarray) -> np.ndarray:
         self.prepared, self.embeddings = prepared, embeddings

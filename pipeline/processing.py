@@ -27,6 +27,10 @@ class PreparedImage:
     original_size: tuple[int, int]  # (H, W) of the photo
     input_size: tuple[int, int]  # (H, W) after resizing, before padding
 
+    def encoder_inputs(self) -> dict[str, np.ndarray]:
+        """The image encoder's inputs by contract name."""
+        return {"image": self.image}
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -98,12 +102,10 @@ def prompt_to_decoder_inputs(
     if outside.any() or not np.isfinite(all_coords).all():
         bad = all_coords[np.argmax(outside)] if outside.any() else all_coords[~np.isfinite(all_coords).all(1)][0]
         raise PromptError(f"prompt coordinate {bad.tolist()} lies outside the {width}x{height} image")
-    point_coords = np.zeros((1, num_points, 2), dtype=np.float32)
-    point_labels = np.full((1, num_points), float(PointLabel.PADDING), dtype=np.float32)
-    point_coords[0, : len(all_coords)] = _RESIZE.apply_coords(all_coords, original_size)
-    point_labels[0, : len(all_labels)] = all_labels
-    mask_input = np.zeros((1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE), dtype=np.float32)
-    has_mask_input = np.zeros((1,), dtype=np.float32)
+    point_coords, point_labels = padded_prompt_rows(
+        _RESIZE.apply_coords(all_coords, original_size)[None], all_labels[None], num_points
+    )
+    mask_input, has_mask_input = no_mask_input()
     if prompt.mask_input is not None:
         previous = np.asarray(prompt.mask_input, dtype=np.float32)
         if previous.size != LOW_RES_MASK_SIZE**2 or previous.shape[-2:] != (LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE):
@@ -121,6 +123,27 @@ def prompt_to_decoder_inputs(
         "mask_input": mask_input,
         "has_mask_input": has_mask_input,
     }
+
+
+def padded_prompt_rows(coords: np.ndarray, labels: np.ndarray, num_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """K prompts of P slots each (K x P x 2 coordinates in the 1024 frame, K x P labels) as the
+    decoder's K x N x 2 `point_coords` and K x N `point_labels`: the unused slots labelled -1."""
+    count, points = np.shape(labels)
+    if points > num_points:
+        raise PromptError(f"{points} prompt slots exceed the decoder's N = {num_points}")
+    point_coords = np.zeros((count, num_points, 2), dtype=np.float32)
+    point_labels = np.full((count, num_points), float(PointLabel.PADDING), dtype=np.float32)
+    point_coords[:, :points] = coords
+    point_labels[:, :points] = labels
+    return point_coords, point_labels
+
+
+def no_mask_input() -> tuple[np.ndarray, np.ndarray]:
+    """`mask_input` and `has_mask_input` of a prompt without an earlier pass to refine."""
+    return (
+        np.zeros((1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE), dtype=np.float32),
+        np.zeros((1,), dtype=np.float32),
+    )
 
 
 def upscale_mask_batch(

@@ -5,11 +5,12 @@ every other bad input is reported."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ConfigDict, ValidationError, model_validator
+from pydantic import ConfigDict, TypeAdapter, ValidationError, model_validator
 
 from pipeline.errors import PipelineError
 
@@ -67,3 +68,22 @@ def one_line_errors(prefix: str, error_type: type[PipelineError]) -> Any:
             raise error_type(describe_validation_error(error, prefix)) from None
 
     return model_validator(mode="wrap")(classmethod(validate))
+
+
+Result = TypeVar("Result")
+
+
+def read_result(path: Path, kind: type[Result], what: str) -> Result:
+    """A result file a stage wrote (`report.json`, `benchmark.json`, `compat.json`) back as its
+    typed record, nested dataclasses included; one line if it is missing or not one."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PipelineError(f"{path} is not valid JSON: {error}") from None
+    try:
+        return TypeAdapter(kind).validate_python(raw)
+    except ValidationError as error:
+        raise PipelineError(f"{path} is not a {what}: {describe_validation_error(error, '')}") from None

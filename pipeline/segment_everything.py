@@ -19,9 +19,9 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from pipeline.contract import IMAGE_SIZE, LOW_RES_MASK_SIZE, PointLabel
-from pipeline.predictor import BatchedDecoder, NamedRunner
-from pipeline.processing import PreparedImage, prepare_image, upscale_mask_batch
+from pipeline.contract import IMAGE_SIZE
+from pipeline.predictor import BatchedDecoder, NamedRunner, embed
+from pipeline.processing import PreparedImage, no_mask_input, padded_prompt_rows, prepare_image, upscale_mask_batch
 
 GENERATOR_DEFAULTS = {
     "points_per_side": 32,
@@ -79,7 +79,7 @@ class RunnerPredictor:
     def set_image(self, image: np.ndarray) -> None:
         prepared = prepare_image(image)
         start = time.perf_counter()
-        self.embeddings = self.encoder.run({"image": prepared.image})["image_embeddings"]
+        self.embeddings = embed(self.encoder, prepared)
         self.times.encoder_s += time.perf_counter() - start
         self.times.encoder_calls += 1
         self.prepared = prepared
@@ -89,23 +89,17 @@ class RunnerPredictor:
 
     def _rows(self, point_coords: torch.Tensor, point_labels: torch.Tensor) -> list[dict[str, np.ndarray]]:
         """One-prompt decoder inputs per row: the row's points (1024 frame), then padding slots."""
-        count, points = point_coords.shape[:2]
-        if points > self.num_points:
-            raise ValueError(f"{points} points per prompt; the decoder has {self.num_points} slots")
-        coords = np.zeros((count, self.num_points, 2), dtype=np.float32)
-        labels = np.full((count, self.num_points), float(PointLabel.PADDING), dtype=np.float32)
-        coords[:, :points] = point_coords.numpy()
-        labels[:, :points] = point_labels.numpy()
-        empty_mask = np.zeros((1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE), dtype=np.float32)
+        coords, labels = padded_prompt_rows(point_coords.numpy(), point_labels.numpy(), self.num_points)
+        mask_input, has_mask_input = no_mask_input()
         return [
             {
                 "image_embeddings": self.embeddings,
                 "point_coords": coords[i : i + 1],
                 "point_labels": labels[i : i + 1],
-                "mask_input": empty_mask,
-                "has_mask_input": np.zeros(1, dtype=np.float32),
+                "mask_input": mask_input,
+                "has_mask_input": has_mask_input,
             }
-            for i in range(count)
+            for i in range(len(labels))
         ]
 
     def predict_torch(
@@ -144,6 +138,13 @@ class AutomaticMaskGenerator(SamAutomaticMaskGenerator):
         # segment-anything's constructor wraps a Sam in a SamPredictor; ours is swapped in right after
         super().__init__(_SamShape(), points_per_batch=predictor.decoder.batch, **options)
         self.predictor = predictor
+
+    @classmethod
+    def over(
+        cls, encoder: NamedRunner, batched_decoder: NamedRunner, batch: int, num_points: int, **options: Any
+    ) -> AutomaticMaskGenerator:
+        """The generator over an encoder and a batched decoder of B = `batch` prompts a call."""
+        return cls(RunnerPredictor(encoder, BatchedDecoder(batched_decoder, batch), num_points), **options)
 
 
 def reference_generator(sam: torch.nn.Module, **options: Any) -> SamAutomaticMaskGenerator:

@@ -17,8 +17,8 @@ import torch
 
 from pipeline.contract import BATCHED_DECODER, ENCODER
 from pipeline.errors import PipelineError, one_line
-from pipeline.predictor import BatchedDecoder, NamedRunner
-from pipeline.segment_everything import AutomaticMaskGenerator, RunnerPredictor, match_masks, reference_generator
+from pipeline.predictor import NamedRunner
+from pipeline.segment_everything import AutomaticMaskGenerator, match_masks, reference_generator
 from validation.schema import EverythingPhoto, EverythingResult, GateResult
 
 THRESHOLDS: dict[str, dict[str, float]] = {
@@ -105,8 +105,10 @@ def _run(
     reference: dict[int, list[dict[str, Any]]],
     options: dict[str, float],
 ) -> None:
-    predictor = RunnerPredictor(encoder, BatchedDecoder(decoder, batch), num_points)
-    generator = AutomaticMaskGenerator(predictor, points_per_side=result.options["points_per_side"], **options)
+    generator = AutomaticMaskGenerator.over(
+        encoder, decoder, batch, num_points, points_per_side=result.options["points_per_side"], **options
+    )
+    predictor = generator.predictor
     for image_id, image in images.items():
         match = match_masks(reference[image_id], generator.generate(image))
         result.photos.append(EverythingPhoto(image_id=image_id, **match.to_json()))

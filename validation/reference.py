@@ -4,12 +4,15 @@ teacher's prediction when one is given."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from segment_anything.modeling import Sam
 from tqdm import tqdm
 
+from pipeline.checkpoints import WeightsSource, load_model
 from pipeline.datasets import Photos
 from pipeline.errors import ArtifactError
 from pipeline.files import sha256_file
@@ -144,3 +147,35 @@ def reference_weights(manifest: Manifest, checkpoint: Path | None) -> tuple[str,
             f"sha256 {str(weights.sha256)[:12]}: the weights changed, refusing to score; convert again"
         )
     return model_type, path, 0
+
+
+@dataclass(frozen=True)
+class ReferenceModel:
+    """PyTorch rebuilt on the weights a manifest's files were converted from, with N of its decoders."""
+
+    key: str
+    sam: Sam
+    source: WeightsSource
+    predictor: ReferencePredictor
+
+
+class ReferenceModels:
+    """The PyTorch reference of each manifest, built once per weights and N: targets converted
+    from the same weights share one (`checkpoint`: validate's --checkpoint, else the recorded one)."""
+
+    def __init__(self, checkpoint: Path | None = None) -> None:
+        self.checkpoint = checkpoint
+        self._models: dict[str, ReferenceModel] = {}
+
+    def key(self, manifest: Manifest) -> str:
+        """Which reference the manifest's files are scored against; refuses weights that changed."""
+        model_type, _, seed = reference_weights(manifest, self.checkpoint)
+        return json.dumps([model_type, manifest.weights.sha256, seed, manifest.config.num_points])
+
+    def get(self, manifest: Manifest) -> ReferenceModel:
+        key = self.key(manifest)
+        if key not in self._models:
+            model_type, path, seed = reference_weights(manifest, self.checkpoint)
+            sam, source = load_model(model_type, path, seed)
+            self._models[key] = ReferenceModel(key, sam, source, ReferencePredictor(sam, manifest.config.num_points))
+        return self._models[key]

@@ -9,7 +9,6 @@ one line in its file's, pair's or target's entry, and the others are still valid
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,6 +33,7 @@ from pipeline.errors import PipelineError, one_line
 from pipeline.locking import reading
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
 from pipeline.predictor import BatchedDecoder, NamedRunner, ReferencePredictor, stack_prompts
+from pipeline.provenance import command_line
 from pipeline.threads import torch_threads
 from validation.baselines import (
     compute_floor,
@@ -44,7 +44,7 @@ from validation.baselines import (
 )
 from validation.everything import everything_pairs, reference_masks, score_everything
 from validation.gates import DEFAULT_GATES, Gate, gate_failures, looser_gate
-from validation.reference import ReferenceImage, ValidationSettings, build_reference, reference_weights
+from validation.reference import ReferenceImage, ReferenceModels, ValidationSettings, build_reference
 from validation.schema import (
     ArtifactResult,
     Baselines,
@@ -117,7 +117,7 @@ def validate_artifact(
         first = timed_reference(references)
         if record.part == ENCODER:
             result.encoder, loaded.embeddings = score_encoder(runner, references, result.non_finite_outputs)
-            example = {"image": first.prepared.image}
+            example = first.prepared.encoder_inputs()
         elif record.part == BATCHED_DECODER:
             batch = prompts_per_call(manifest.contract(BATCHED_DECODER))
             result.decoder = score_prompts(BatchedDecoder(runner, batch), references, None, result.non_finite_outputs)
@@ -219,7 +219,7 @@ def baseline_latencies(predictor: ReferencePredictor, first: ReferenceImage, set
             predictor.encoder_module,
             encoder_spec.input_names,
             encoder_spec.output_names,
-            {"image": first.prepared.image},
+            first.prepared.encoder_inputs(),
         ),
         "prompt_decoder": (
             predictor.decoder_module,
@@ -274,6 +274,7 @@ def validate_run(
             teacher_sam, teacher_source = load_model(teacher.model_type, teacher.checkpoint)
             teacher_predictor = ReferencePredictor(teacher_sam)
         report = Report(
+            command=command_line(),
             settings=asdict(settings),
             photos=photos.describe(),
             ground_truth=photos.has_ground_truth,
@@ -281,17 +282,17 @@ def validate_run(
             teacher=None if teacher is None else f"SAM {teacher.model_type}, {teacher_source.describe()}",
         )
         reference_runs: dict[str, tuple] = {}
+        models = ReferenceModels(checkpoint)
         for manifest_path in manifests:
             run = RunResult(manifest=str(manifest_path), target=manifest_path.parent.name)
             try:
                 manifest = read_manifest(manifest_path)
                 run.target = manifest.target
                 target = get_target(manifest.target)  # an unknown target name is this run's error
-                model_type, weights_path, seed = reference_weights(manifest, checkpoint)
-                key = json.dumps([model_type, manifest.weights.sha256, seed, manifest.config.num_points])
+                key = models.key(manifest)  # weights that changed since conversion: this run's error
                 if key not in reference_runs:  # targets converted from the same weights share one reference
-                    sam, source = load_model(model_type, weights_path, seed)
-                    predictor = ReferencePredictor(sam, num_points=manifest.config.num_points)
+                    model = models.get(manifest)
+                    sam, source, predictor = model.sam, model.source, model.predictor
                     if teacher_predictor is not None:
                         teacher_predictor.num_points = predictor.num_points
                     references = build_reference(predictor, photos, settings, teacher_predictor)

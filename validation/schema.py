@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.provenance import describe_machine, now
+
 REPORT_SCHEMA_VERSION = 2
 
 
@@ -234,6 +236,10 @@ class Report:
     pairs: list[PairResult] = field(default_factory=list)
     everything: list[EverythingResult] = field(default_factory=list)
     schema_version: int = REPORT_SCHEMA_VERSION
+    machine: str = field(default_factory=describe_machine)
+    created: str = field(default_factory=now)
+    command: str = ""
+    """The command that made it (empty: not recorded)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

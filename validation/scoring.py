@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pipeline.metrics import cosine_similarity, count_non_finite, mask_iou, max_abs_error, psnr_db
-from pipeline.predictor import BatchedDecoder, NamedRunner, Prediction, Segmenter
+from pipeline.predictor import BatchedDecoder, NamedRunner, Prediction, Segmenter, embed
 from validation.reference import ReferenceCase, ReferenceImage
 from validation.schema import EncoderScores, KindScores, Summary, nan_max, nan_min
 
@@ -51,7 +51,7 @@ def score_encoder(
     """Embeddings against PyTorch's on every photo; also returns them, for the pairs."""
     rows, outputs = [], []
     for reference in references:
-        embeddings = runner.run({"image": reference.prepared.image})["image_embeddings"]
+        embeddings = embed(runner, reference.prepared)
         non_finite["image_embeddings"] = non_finite.get("image_embeddings", 0) + count_non_finite(embeddings)
         outputs.append(embeddings)
         rows.append(

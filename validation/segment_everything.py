@@ -22,22 +22,19 @@ import numpy as np
 from PIL import Image
 
 from mobile_targets import load_artifact_runner
-from pipeline.checkpoints import load_model
 from pipeline.cli import positive, run_main, setup_logging
 from pipeline.contract import BATCHED_DECODER, ENCODER, prompts_per_call
 from pipeline.datasets import load_rgb
 from pipeline.errors import ArtifactError, ConfigError
 from pipeline.files import atomic_write_bytes, atomic_write_json
 from pipeline.manifest import MANIFEST_NAME, ArtifactRecord, Manifest, read_manifest
-from pipeline.predictor import BatchedDecoder
 from pipeline.segment_everything import (
     GENERATOR_DEFAULTS,
     AutomaticMaskGenerator,
-    RunnerPredictor,
     match_masks,
     reference_generator,
 )
-from validation.reference import reference_weights
+from validation.reference import ReferenceModels
 
 
 def find_record(manifest: Manifest, part: str, precision: str) -> ArtifactRecord:
@@ -60,8 +57,7 @@ def file_generator(
     encoder = load_artifact_runner(manifest_path, manifest, encoder_record, threads)
     decoder = load_artifact_runner(manifest_path, manifest, decoder_record, threads)
     batch = prompts_per_call(manifest.contract(BATCHED_DECODER))
-    predictor = RunnerPredictor(encoder, BatchedDecoder(decoder, batch), manifest.config.num_points)
-    return AutomaticMaskGenerator(predictor, **options)
+    return AutomaticMaskGenerator.over(encoder, decoder, batch, manifest.config.num_points, **options)
 
 
 def overlay(image: np.ndarray, records: list[dict[str, Any]]) -> np.ndarray:
@@ -115,7 +111,8 @@ def main() -> int:
     if not manifest_path.is_file():
         raise ConfigError(f"no {args.target} files under {args.out} ({manifest_path} missing); run a convert session")
     manifest = read_manifest(manifest_path)
-    model_type, weights_path, seed = reference_weights(manifest, args.checkpoint)
+    references = ReferenceModels(args.checkpoint)
+    references.key(manifest)  # weights that changed since conversion: refused before any work
     image = load_rgb(args.image)
     options = {
         "points_per_side": args.points_per_side,
@@ -145,8 +142,7 @@ def main() -> int:
         f"{times.decoder_calls} batched decoder calls {times.decoder_s:.2f} s"
     )
     if args.compare_pytorch:
-        sam, _ = load_model(model_type, weights_path, seed)
-        reference = reference_generator(sam, **options).generate(image)
+        reference = reference_generator(references.get(manifest).sam, **options).generate(image)
         summary["pytorch"] = match_masks(reference, records).to_json()
         print(f"against SamAutomaticMaskGenerator: {json.dumps(summary['pytorch'])}")
     atomic_write_json(args.result / "summary.json", summary)

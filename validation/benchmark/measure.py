@@ -4,13 +4,11 @@ compute floor, the decoder's point sweep and the encoders' per-op profiles (Exec
 from __future__ import annotations
 
 import logging
-import platform
 import re
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +17,13 @@ import torch
 from mobile_targets import get_target, load_artifact_runner
 from mobile_targets.base import PartToConvert
 from mobile_targets.convert import build_parts, convert_one, place_without_manifest, pytorch_outputs
-from pipeline.checkpoints import load_model
 from pipeline.config import RunConfig
 from pipeline.contract import DECODER_PARTS, PartContract, TensorSpec, contract_for, prompts_per_call
 from pipeline.datasets import CocoPhotos
 from pipeline.errors import PipelineError, one_line
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
 from pipeline.predictor import ReferencePredictor
+from pipeline.provenance import command_line
 from pipeline.selftest import read_vectors
 from pipeline.threads import torch_threads
 from validation.baselines import (
@@ -51,7 +49,7 @@ from validation.benchmark.schema import (
     SweepPoint,
     Timing,
 )
-from validation.reference import reference_weights
+from validation.reference import ReferenceModels
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +59,6 @@ SWEEP_FOLDER = "benchmark_points"
 def time_call(run: Callable[[], object], threads: int, warmup: int, runs: int) -> Timing:
     """`validation.baselines.time_call`, labelled with the thread count it ran at."""
     return Timing(threads, **asdict(time_latency(run, warmup, runs)))
-
-
-def machine_description() -> str:
-    model = ""
-    try:
-        model = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        model = platform.processor()
-    return f"{model or platform.machine()}, {torch.get_num_threads()} cores visible to torch, {platform.system()}"
 
 
 @dataclass(frozen=True)
@@ -366,9 +351,8 @@ def run_benchmark(
     decoders = [f for f in files if f.record.part == "prompt_decoder"]
     if not encoders or not decoders:
         raise PipelineError(f"{out} needs at least one encoder and one decoder file to compare with PyTorch")
-    model_type, checkpoint, seed = reference_weights(encoders[0].manifest, None)
-    sam, _ = load_model(model_type, checkpoint, seed)
-    reference = ReferencePredictor(sam, encoders[0].manifest.config.num_points)
+    model = ReferenceModels().get(encoders[0].manifest)
+    sam, model_type, reference = model.sam, encoders[0].manifest.weights.model_type, model.predictor
     encoder_inputs, decoder_inputs = encoders[0].inputs(), decoders[0].inputs()
     timed_targets = sorted({f.record.target for f in files if not get_target(f.record.target).emulation_note()})
     timed_decoders = [
@@ -377,8 +361,7 @@ def run_benchmark(
         if not get_target(f.record.target).emulation_note() and f.record.precision in sweep_precisions
     ]
     return Benchmark(
-        machine=machine_description(),
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        command=command_line(),
         threads=threads,
         floors=floors(reference, encoder_inputs["image"], threads),
         baselines=baselines(reference, encoder_inputs, decoder_inputs, threads, warmup, runs),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from pipeline.contract import BATCHED_DECODER, DECODER
+from pipeline.provenance import describe_machine, now
 
 BENCHMARK_JSON = "benchmark.json"
 
@@ -157,8 +158,6 @@ class GemmRate:
 
 @dataclass
 class Benchmark:
-    machine: str
-    created: str
     threads: list[int]
     floors: list[Floor]
     baselines: list[Baseline]
@@ -167,6 +166,10 @@ class Benchmark:
     profiles: list[OpProfile]
     delegation: list[DelegationCensus] = field(default_factory=list)
     gemm_rates: list[GemmRate] = field(default_factory=list)
+    machine: str = field(default_factory=describe_machine)
+    created: str = field(default_factory=now)
+    command: str = ""
+    """The command that made it (empty: not recorded)."""
 
     def baseline(self, runtime: str, part: str, threads: int) -> Timing | None:
         for baseline in self.baselines:

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineError, one_line
+from pipeline.errors import PipelineError
 from pipeline.files import atomic_write_bytes, atomic_write_json
 from pipeline.locking import folder_lock, reading
 from pipeline.manifest import (
@@ -33,6 +30,8 @@ from pipeline.manifest import (
     verify_artifact,
     verify_travelling_files,
 )
+from pipeline.provenance import command_line, describe_machine, now
+from pipeline.records import read_result
 from pipeline.selftest import Tolerance, check_case, read_vectors
 from validation.compat.runtimes import (
     PACKAGES,
@@ -49,19 +48,6 @@ VERDICTS = ("pass", "refused", "wrong")
 COREML_SPEC_MINIMUM_OS = {6: "iOS15", 7: "iOS16", 8: "iOS17", 9: "iOS18"}
 """Core ML specification version -> the first iOS that loads it (coremltools' `target` table)."""
 WORKER_TIMEOUT_S = 1800
-
-
-def describe_machine() -> str:
-    """OS, CPU model and core count: the runtimes' CPU kernels differ by instruction set."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()}, {model}, {os.cpu_count()} cores"
 
 
 @dataclass(frozen=True)
@@ -119,22 +105,13 @@ class CompatReport:
     cells: tuple[Cell, ...]
     coreml: tuple[CoreMLCheck, ...] = ()
     not_run: tuple[NotRun, ...] = ()
-    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    machine: str = field(default_factory=lambda: describe_machine())
+    created: str = field(default_factory=now)
+    machine: str = field(default_factory=describe_machine)
+    command: str = ""
+    """The command that made it (empty: not recorded)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> CompatReport:
-        return cls(
-            runtimes=tuple(RuntimeColumn(**item) for item in raw["runtimes"]),
-            cells=tuple(Cell(**item) for item in raw["cells"]),
-            coreml=tuple(CoreMLCheck(**item) for item in raw.get("coreml", [])),
-            not_run=tuple(NotRun(**item) for item in raw.get("not_run", [])),
-            created=raw["created"],
-            machine=raw.get("machine", ""),
-        )
 
     def gate_failures(self) -> list[str]:
         """Every `wrong` cell and every Core ML package that needs a newer OS than promised."""
@@ -294,7 +271,7 @@ def _build_matrix(out: Path, manifests: list[Path], runtimes: list[RuntimeSpec])
         for _, _, record in records
         if record.target not in TARGET_FAMILIES and not record.file.endswith(".mlpackage")
     ]
-    return CompatReport(tuple(columns), tuple(cells), tuple(coreml_checks(out)), tuple(not_run))
+    return CompatReport(tuple(columns), tuple(cells), tuple(coreml_checks(out)), tuple(not_run), command=command_line())
 
 
 def runtime_summary(report: CompatReport, file: str, target: str) -> dict[str, list[str]]:
@@ -336,7 +313,4 @@ def read_report(out: Path) -> CompatReport | None:
     path = Path(out) / "compat.json"
     if not path.is_file():
         return None
-    try:
-        return CompatReport.from_json(json.loads(path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise PipelineError(f"{path} is not a compat report: {one_line(error)}") from None
+    return read_result(path, CompatReport, "compat report")

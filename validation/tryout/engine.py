@@ -15,15 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from mobile_targets import load_artifact_runner
-from pipeline.checkpoints import load_model
 from pipeline.contract import BATCHED_DECODER, DECODER, ENCODER, prompts_per_call
 from pipeline.errors import PipelineError
 from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
 from pipeline.metrics import mask_iou
-from pipeline.predictor import BatchedDecoder, NamedRunner, Prediction, ReferencePredictor, Segmenter
+from pipeline.predictor import NamedRunner, Prediction, ReferencePredictor, Segmenter, embed
 from pipeline.processing import PreparedImage, Prompt, default_multimask, prepare_image
-from pipeline.segment_everything import AutomaticMaskGenerator, RunnerPredictor
-from validation.reference import reference_weights
+from pipeline.segment_everything import AutomaticMaskGenerator
+from validation.reference import ReferenceModels
 
 MAX_SIDE = 2048
 """Photos with a longer side are downscaled to it (with a note): the encoder sees 1024 anyway."""
@@ -135,7 +134,7 @@ class TryoutEngine:
                 choice = FileChoice(manifest_path, manifest, record)
                 self.files[choice.label] = choice
         self._runners: dict[tuple[str, int, int], NamedRunner] = {}
-        self._references: dict[str, ReferencePredictor] = {}
+        self._references = ReferenceModels(checkpoint)
         self._photo: tuple[str, PreparedImage] | None = None
         self._embeddings: dict[str, np.ndarray] = {}
         """Embeddings of the current photo by owner: one photo at a time."""
@@ -164,12 +163,7 @@ class TryoutEngine:
 
     def reference(self, choice: FileChoice) -> ReferencePredictor:
         """PyTorch on the weights the file was converted from (sha256 checked, or the recorded seed)."""
-        model_type, path, seed = reference_weights(choice.manifest, self.checkpoint)
-        key = f"{model_type} {choice.manifest.weights.sha256} {seed} {choice.manifest.config.num_points}"
-        if key not in self._references:
-            sam, _ = load_model(model_type, path, seed)
-            self._references[key] = ReferencePredictor(sam, choice.manifest.config.num_points)
-        return self._references[key]
+        return self._references.get(choice.manifest).predictor
 
     def _prepared(self, photo_key: str, image: np.ndarray) -> PreparedImage:
         """The photo resized and padded once; a new photo drops the last one's embeddings."""
@@ -183,7 +177,7 @@ class TryoutEngine:
         if owner in self._embeddings:
             return self._embeddings[owner], None
         start = time.perf_counter()
-        embeddings = runner.run({"image": prepared.image})["image_embeddings"]
+        embeddings = embed(runner, prepared)
         self._embeddings[owner] = embeddings
         return embeddings, (time.perf_counter() - start) * 1000
 
@@ -240,11 +234,13 @@ class TryoutEngine:
                 f"no batched decoder file for {encoder_choice.record.target}; convert with --batch-prompts 64"
             )
         batch = prompts_per_call(decoder_choice.manifest.contract(BATCHED_DECODER))
-        predictor = RunnerPredictor(
+        generator = AutomaticMaskGenerator.over(
             self.runner(encoder_choice),
-            BatchedDecoder(self.runner(decoder_choice), batch),
+            self.runner(decoder_choice),
+            batch,
             decoder_choice.manifest.config.num_points,
+            points_per_side=points_per_side,
         )
         start = time.perf_counter()
-        records = AutomaticMaskGenerator(predictor, points_per_side=points_per_side).generate(image)
+        records = generator.generate(image)
         return records, decoder_choice, time.perf_counter() - start
