@@ -12,7 +12,7 @@ from pipeline.manifest import ArtifactRecord, Manifest, verify_artifact, verify_
 
 TARGET_MODULES = {
     "coreml": "mobile_targets.coreml.converter",
-    "coreai": "mobile_targets.coreai_target",
+    "coreai": "mobile_targets.coreai.converter",
     "executorch": "mobile_targets.executorch_target",
     "executorch_coreml": "mobile_targets.executorch_coreml_target",
     "tflite": "mobile_targets.tflite.converter",

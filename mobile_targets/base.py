@@ -129,3 +129,9 @@ class Target(ABC):
     def emulation_note(self) -> str | None:
         """Why this machine's latency of the target's files means nothing (they run emulated), or None."""
         return None
+
+    def selftest_only(self, part: str, precision: str) -> str | None:
+        """Why validate scores this file on its self-test vectors only (run in its runtime when it
+        was converted, recorded in the manifest) rather than on every held-out photo; None: every
+        photo. For runtimes too slow here to run every photo and prompt."""
+        return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +115,49 @@ def test_broken_assets_are_one_line(coreai_fp32, tmp_path):
     regular.write_bytes(np.zeros(16, dtype=np.uint8).tobytes())
     with pytest.raises(ArtifactError, match=r"file\.aimodel is not a Core AI asset \(expected an \.aimodel folder\)"):
         target.load_runner(regular, contract)
+
+
+@pytest.mark.slow
+def test_validate_cross_checks_core_ml_against_apples_runtime(coreai_fp32, official_checkpoint, tmp_path, monkeypatch):
+    """Core ML and Core AI files of the same weights in one validate run: side by side on the same
+    photo and prompts, and their encoders' embeddings against each other. Then the path the fp16
+    Core AI files take on Linux (too slow for every photo): scored from the self-test measurement
+    their manifest recorded in Apple's runtime, their pairs listed as not run, never skipped silently."""
+    from mobile_targets.coreai.converter import CoreAITarget
+    from pipeline.datasets import CocoPhotos
+    from validation.reference import ValidationSettings
+    from validation.run import validate_run
+    from validation.text_report import summary_markdown
+
+    out = tmp_path / "out"
+    shutil.copytree(coreai_fp32.parent.parent, out)
+    config = RunConfig(checkpoint=official_checkpoint, precisions=("fp32",), out_dir=out, batch_prompts=0)
+    convert_target("coreml", config)
+    photos = CocoPhotos.sample("validation")
+    settings = ValidationSettings(max_images=1, instances_per_image=1, latency_runs=1, warmup_runs=0)
+    settings = replace(settings, baselines=False, everything_points_per_side=0)
+    report = validate_run(out, photos, settings)
+    assert report.failures() == []
+    checks = {(c.part, c.basis): c for c in report.crosscheck}
+    assert set(checks) == {("image_encoder", "held-out photos"), ("prompt_decoder", "held-out photos")}
+    assert all(c.agrees for c in checks.values())
+    assert checks[("image_encoder", "held-out photos")].between_psnr_db >= DEFAULT_GATES["fp32"].embeddings_psnr_db
+    assert "## Core ML emulator against Core AI (Apple's runtime)" in summary_markdown(report)
+
+    reason = "too slow here (this test's stand-in for fp16 on Linux)"
+    monkeypatch.setattr(CoreAITarget, "selftest_only", lambda self, part, precision: reason)
+    report = validate_run(out, photos, settings)
+    assert report.failures() == []
+    coreai = next(run for run in report.runs if run.target == "coreai")
+    for artifact in coreai.artifacts:
+        assert artifact.selftest_only.reason == reason and artifact.gate.passed
+        assert artifact.encoder is None and artifact.decoder is None and artifact.latency is None
+    (pair,) = [p for p in report.pairs if p.target == "coreai"]
+    assert pair.not_run == reason and pair.gate is None
+    assert {c.basis for c in report.crosscheck} == {"self-test vectors"}
+    assert f"coreai image_encoder fp32: scored on its self-test vectors only: {reason}" in summary_markdown(report)
+    manifest = read_manifest(out / "coreai" / "manifest.json")
+    vectors = out / "coreai" / manifest.artifacts[0].details.selftest.file
+    vectors.write_bytes(vectors.read_bytes()[:-10])  # a damaged vectors file: that file's error, never trusted
+    report = validate_run(out, photos, settings)
+    assert any("is not the file converted with" in line for line in report.failures())

@@ -44,9 +44,10 @@ def reference_masks(sam: torch.nn.Module, images: dict[int, np.ndarray], points_
 
 def everything_pairs(records: Sequence[Any]) -> list[tuple[Any, Any]]:
     """(encoder, batched decoder) of each batched decoder file: the encoder of its precision, or fp32."""
-    encoders = {a.record.precision: a for a in records if a.record.part == ENCODER}
+    runs = [a for a in records if a.result.selftest_only is None]  # files scored on their vectors only: not here
+    encoders = {a.record.precision: a for a in runs if a.record.part == ENCODER}
     pairs = []
-    for decoder in (a for a in records if a.record.part == BATCHED_DECODER):
+    for decoder in (a for a in runs if a.record.part == BATCHED_DECODER):
         encoder = encoders.get(decoder.record.precision) or encoders.get(GATED_PRECISION)
         if encoder is not None:
             pairs.append((encoder, decoder))

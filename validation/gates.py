@@ -9,9 +9,9 @@ from dataclasses import asdict, fields
 from pydantic import ValidationError
 
 from pipeline.errors import ConfigError
-from pipeline.gates import DEFAULT_GATES, Gate
+from pipeline.gates import DEFAULT_GATES, Gate, selftest_tolerance
 from pipeline.records import describe_validation_error
-from validation.schema import ArtifactResult, PairResult
+from validation.schema import ArtifactResult, PairResult, SelftestScores
 
 __all__ = ["DEFAULT_GATES", "Gate", "gate_failures", "gates_from_config", "looser_gate"]
 
@@ -38,10 +38,25 @@ def looser_gate(a: Gate, b: Gate) -> Gate:
     return Gate(**{f.name: min(getattr(a, f.name), getattr(b, f.name)) for f in fields(Gate)})
 
 
+def selftest_failures(scores: SelftestScores, part: str, gate: Gate) -> list[str]:
+    """A file scored on its self-test vectors: the gate as the vectors' tolerance (selftest_tolerance)."""
+    tolerance = selftest_tolerance(gate, part)
+    failures = [
+        f"self-test {name} PSNR {scores.psnr_db_min.get(name, float('nan')):.1f} dB < {minimum}"
+        for name, minimum in tolerance.min_psnr_db.items()
+        if not scores.psnr_db_min.get(name, float("nan")) >= minimum
+    ]
+    if tolerance.min_mask_iou is not None and not (scores.mask_iou_min or float("nan")) >= tolerance.min_mask_iou:
+        failures.append(f"self-test mask IoU {scores.mask_iou_min} < {tolerance.min_mask_iou}")
+    return failures
+
+
 def gate_failures(result: ArtifactResult | PairResult, gate: Gate) -> list[str]:
     """Why a file (or a pair) falls below its gate (empty when it passes). NaN never passes."""
     if result.error:
         return [result.error]
+    if isinstance(result, ArtifactResult) and result.selftest_only is not None:
+        return selftest_failures(result.selftest_only, result.part, gate)
     failures = [
         f"output {name} had {count} non-finite values (NaN or Inf)"
         for name, count in result.non_finite_outputs.items()

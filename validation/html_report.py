@@ -20,10 +20,13 @@ from pipeline.files import atomic_write_bytes
 from validation.schema import Report, RunResult, min_logits_psnr, worst_kind_mean_iou
 from validation.scoring import OVERLAY_KINDS
 from validation.text_report import (
+    CROSSCHECK_HEADER,
+    CROSSCHECK_NOTE,
     EVERYTHING_HEADER,
     KIND_HEADER,
     SUMMARY_HEADER,
     best_pairs_by_budget,
+    crosscheck_rows,
     everything_rows,
     kind_rows,
     pair_matrix,
@@ -107,6 +110,8 @@ def pair_heatmap(report: Report, target: str) -> str | None:
         row, col = encoders.index(encoder), decoders.index(decoder)
         if pair.error:
             text = "error"
+        elif pair.not_run:
+            text = "self-test\nonly"
         else:
             mark = "" if pair.gate and pair.gate.passed else "\nFAIL"
             text = f"{values[row, col]:.3f}\n{min_logits_psnr(pair.decoder):.0f} dB{mark}"
@@ -176,6 +181,13 @@ def write_html(
         else "",
         "<h2>Files</h2>",
         _html_table(SUMMARY_HEADER, rows, ["fail" if row[7] == "FAIL" else "" for row in rows]),
+        "".join(
+            f"<p><b>{html.escape(a.name)}</b>: scored on its self-test vectors only: "
+            f"{html.escape(a.selftest_only.reason)}.</p>"
+            for run in report.runs
+            for a in run.artifacts
+            if a.selftest_only is not None
+        ),
         _image("latency", bar_figure(report, "latency")),
         _image("size", bar_figure(report, "size")),
     ]
@@ -203,6 +215,13 @@ def write_html(
             "<p>segment-anything's generator over each encoder file and batched decoder file, against the same "
             "generator on PyTorch; fp32 is gated (every reference mask matched at IoU &ge; 0.95, same count).</p>",
             _html_table(EVERYTHING_HEADER, rows, ["fail" if row[-1] == "FAIL" else "" for row in rows]),
+        ]
+    if report.crosscheck:
+        rows = crosscheck_rows(report)
+        sections += [
+            "<h2>Core ML emulator against Core AI (Apple's runtime)</h2>",
+            f"<p>{html.escape(CROSSCHECK_NOTE)}</p>",
+            _html_table(CROSSCHECK_HEADER, rows, ["fail" if row[-1] != "agree" else "" for row in rows]),
         ]
     sections += ["<h2>Per prompt kind</h2>", _html_table(KIND_HEADER, kind_rows(report))]
     if extra_html:

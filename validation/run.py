@@ -29,9 +29,16 @@ from pipeline.contract import (
     prompts_per_call,
 )
 from pipeline.datasets import Photos
-from pipeline.errors import PipelineError, one_line
+from pipeline.errors import ArtifactError, PipelineError, one_line
 from pipeline.locking import reading
-from pipeline.manifest import ArtifactRecord, Manifest, find_manifests, read_manifest
+from pipeline.manifest import (
+    ArtifactRecord,
+    Manifest,
+    find_manifests,
+    read_manifest,
+    verify_artifact,
+    verify_travelling_files,
+)
 from pipeline.predictor import BatchedDecoder, NamedRunner, ReferencePredictor, stack_prompts
 from pipeline.provenance import command_line
 from pipeline.threads import torch_threads
@@ -42,6 +49,7 @@ from validation.baselines import (
     resident_memory_mb,
     time_call,
 )
+from validation.crosscheck import cross_check
 from validation.everything import everything_pairs, reference_masks, score_everything
 from validation.gates import DEFAULT_GATES, Gate, gate_failures, looser_gate
 from validation.reference import ReferenceImage, ReferenceModels, ValidationSettings, build_reference
@@ -56,6 +64,7 @@ from validation.schema import (
     PairResult,
     Report,
     RunResult,
+    SelftestScores,
 )
 from validation.scoring import OVERLAY_IMAGES, overlay_case, pytorch_against_teacher, score_encoder, score_prompts
 
@@ -106,6 +115,13 @@ def validate_artifact(
         bytes=record.bytes,
     )
     loaded = LoadedArtifact(record, result)
+    reason = get_target(record.target).selftest_only(record.part, record.precision)
+    if reason is not None:
+        try:
+            result.selftest_only = recorded_selftest(manifest_path, record, reason)
+        except PipelineError as error:
+            result.error = str(error)
+        return loaded
     stage = "loading"
     try:
         before = resident_memory_mb()
@@ -140,6 +156,22 @@ def validate_artifact(
     return loaded
 
 
+def recorded_selftest(manifest_path: Path, record: ArtifactRecord, reason: str) -> SelftestScores:
+    """What the file measured on its self-test vectors in its runtime when converted, after checking
+    that the file and its vectors are still the ones the manifest recorded."""
+    verify_artifact(manifest_path, record)
+    verify_travelling_files(manifest_path, record)
+    info = record.details.selftest
+    if info is None or not info.measured.get("psnr_db_min"):
+        raise ArtifactError(f"{record.file}: no self-test measurement in the manifest to score it by")
+    return SelftestScores(
+        reason=reason,
+        cases=tuple(info.cases),
+        psnr_db_min={name: float(value) for name, value in info.measured["psnr_db_min"].items()},
+        mask_iou_min=info.measured.get("mask_iou_min"),
+    )
+
+
 def validate_pairs(
     target: str, loaded: list[LoadedArtifact], references: list[ReferenceImage], gates: dict[str, Gate]
 ) -> list[PairResult]:
@@ -157,6 +189,11 @@ def validate_pairs(
                 decoder_precision=decoder.record.precision,
                 bytes=encoder.record.bytes + decoder.record.bytes,
             )
+            scoped = encoder.result.selftest_only or decoder.result.selftest_only
+            if scoped is not None:  # listed with why, no gate: its files are scored on their vectors
+                pair.not_run = scoped.reason
+                pairs.append(pair)
+                continue
             if encoder.embeddings is None or decoder.runner is None:
                 pair.error = f"not run: {encoder.result.error or decoder.result.error}"
             else:
@@ -283,6 +320,9 @@ def validate_run(
         )
         reference_runs: dict[str, tuple] = {}
         models = ReferenceModels(checkpoint)
+        validated: dict[str, Manifest] = {}
+        results: dict[tuple[str, str, str], ArtifactResult] = {}
+        embeddings: dict[tuple[str, str], list[np.ndarray]] = {}
         for manifest_path in manifests:
             run = RunResult(manifest=str(manifest_path), target=manifest_path.parent.name)
             try:
@@ -336,10 +376,15 @@ def validate_run(
                 artifact.result.gate = GateResult(not failures, tuple(failures))
                 run.artifacts.append(artifact.result)
                 loaded.append(artifact)
+                results[(record.target, record.part, record.precision)] = artifact.result
+                if artifact.embeddings is not None:
+                    embeddings[(record.target, record.precision)] = artifact.embeddings
+            validated[manifest.target] = manifest
             known = [a for a in loaded if a.record.precision in gates]
             report.pairs += validate_pairs(manifest.target, known, references, gates)
             report.everything += validate_everything(
                 manifest, loaded, references, photos, sam, everything_reference, settings
             )
             report.runs.append(run)
+        report.crosscheck = cross_check(validated, results, embeddings, gates)
         return report

@@ -77,6 +77,17 @@ class EncoderScores:
 
 
 @dataclass(frozen=True)
+class SelftestScores:
+    """A file scored on its self-test vectors only: what it measured on them in its own runtime
+    when it was converted (the manifest's record of the sha256-checked file), and why only there."""
+
+    reason: str
+    cases: tuple[str, ...]
+    psnr_db_min: dict[str, float]
+    mask_iou_min: float | None = None
+
+
+@dataclass(frozen=True)
 class Latency:
     median_s: float
     p90_s: float
@@ -120,6 +131,8 @@ class ArtifactResult:
     latency: Latency | None = None
     memory: Memory | None = None
     gate: GateResult | None = None
+    selftest_only: SelftestScores | None = None
+    """Set when the file was scored on its self-test vectors only (`encoder`/`decoder` stay None)."""
 
     @property
     def name(self) -> str:
@@ -140,6 +153,8 @@ class PairResult:
     non_finite_outputs: dict[str, int] = field(default_factory=dict)
     error: str | None = None
     gate: GateResult | None = None
+    not_run: str | None = None
+    """Why the pair was not run on the photos (a file scored on its self-test vectors only); no gate."""
 
     @property
     def name(self) -> str:
@@ -225,6 +240,25 @@ class RunResult:
     artifacts: list[ArtifactResult] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class CrossCheck:
+    part: str
+    precision: str
+    basis: str
+    """"held-out photos" (both files run on every photo) or "self-test vectors"."""
+    coreml: str
+    """The Core ML file (emulator) against PyTorch."""
+    coreai: str
+    """The Core AI file (Apple's runtime) against PyTorch."""
+    between_psnr_db: float | None = None
+    """Encoders on held-out photos: the lowest PSNR of Core ML's embeddings against Core AI's."""
+    verdict: str = "agree"
+
+    @property
+    def agrees(self) -> bool:
+        return self.verdict == "agree"
+
+
 @dataclass
 class Report:
     settings: dict[str, Any]
@@ -235,6 +269,8 @@ class Report:
     runs: list[RunResult] = field(default_factory=list)
     pairs: list[PairResult] = field(default_factory=list)
     everything: list[EverythingResult] = field(default_factory=list)
+    crosscheck: list[CrossCheck] = field(default_factory=list)
+    """Core ML's emulator against Apple's Core AI runtime, part by part (when both were converted)."""
     schema_version: int = REPORT_SCHEMA_VERSION
     machine: str = field(default_factory=describe_machine)
     created: str = field(default_factory=now)
@@ -258,4 +294,7 @@ class Report:
             lines += [f"{a.name}: {'; '.join(a.gate.failures)}" for a in run.artifacts if a.gate and not a.gate.passed]
         lines += [f"pair {p.name}: {'; '.join(p.gate.failures)}" for p in self.pairs if p.gate and not p.gate.passed]
         lines += [f"{e.name}: {'; '.join(e.gate.failures)}" for e in self.everything if e.gate and not e.gate.passed]
+        lines += [
+            f"Core ML against Core AI, {c.part} {c.precision}: {c.verdict}" for c in self.crosscheck if not c.agrees
+        ]
         return lines

@@ -41,6 +41,13 @@ def agreement_figure(result: ArtifactResult | PairResult) -> str:
     worst prompt kind's mean mask IoU and the lowest logit PSNR."""
     if result.error:
         return f"ERROR: {result.error}"
+    if isinstance(result, PairResult) and result.not_run:
+        return f"not run on the photos: {result.not_run}"
+    if isinstance(result, ArtifactResult) and result.selftest_only is not None:
+        scores = result.selftest_only
+        iou = "" if scores.mask_iou_min is None else f", mask IoU {scores.mask_iou_min:.3f}"
+        worst = min(scores.psnr_db_min.values()) if scores.psnr_db_min else float("nan")
+        return f"self-test vectors only ({len(scores.cases)} cases): PSNR {worst:.1f} dB{iou}"
     if isinstance(result, ArtifactResult) and result.encoder is not None:
         return f"embeddings PSNR {result.encoder.psnr_db_min:.1f} dB"
     return f"IoU {worst_kind_mean_iou(result.decoder):.3f} (worst kind), PSNR {min_logits_psnr(result.decoder):.1f} dB"
@@ -162,6 +169,8 @@ def summary_markdown(report: Report) -> str:
         for run in report.runs
         for item in run.not_made
     ]
+    scoped = [a for run in report.runs for a in run.artifacts if a.selftest_only is not None]
+    lines += [f"{a.name}: scored on its self-test vectors only: {a.selftest_only.reason}.  " for a in scoped]
     lines += [f"Photos: {report.photos}."]
     if not report.ground_truth:
         lines.append(
@@ -182,6 +191,9 @@ def summary_markdown(report: Report) -> str:
                 pair = pairs.get((encoder, decoder))
                 if pair is None or pair.error:
                     row.append("error" if pair else "-")
+                    continue
+                if pair.not_run:
+                    row.append("not run (self-test only)")
                     continue
                 mark = "pass" if pair.gate and pair.gate.passed else "FAIL"
                 row.append(f"{worst_kind_mean_iou(pair.decoder):.3f}, {min_logits_psnr(pair.decoder):.1f} dB, {mark}")
@@ -222,8 +234,35 @@ def summary_markdown(report: Report) -> str:
         )
         lines.append("")
         lines += _table(EVERYTHING_HEADER, everything_rows(report))
+    if report.crosscheck:
+        lines += ["", "## Core ML emulator against Core AI (Apple's runtime)", ""]
+        lines += [CROSSCHECK_NOTE, ""]
+        lines += _table(CROSSCHECK_HEADER, crosscheck_rows(report))
     lines += ["", "## Per prompt kind", "", *_table(KIND_HEADER, kind_rows(report))]
     return "\n".join(lines)
+
+
+CROSSCHECK_HEADER = ("part", "precision", "on", "Core ML (emulator)", "Core AI (Apple's runtime)", "between", "verdict")
+CROSSCHECK_NOTE = (
+    "The Core ML file (this project's MIL emulator) and the Core AI file (Apple's own runtime) of the same "
+    "part, precision and weights, each against PyTorch on the same inputs; for encoders run on every photo, "
+    "also the lowest PSNR of one's embeddings against the other's."
+)
+
+
+def crosscheck_rows(report: Report) -> list[list[str]]:
+    return [
+        [
+            c.part,
+            c.precision,
+            c.basis,
+            c.coreml,
+            c.coreai,
+            "-" if c.between_psnr_db is None else f"{c.between_psnr_db:.1f} dB",
+            c.verdict,
+        ]
+        for c in report.crosscheck
+    ]
 
 
 EVERYTHING_HEADER = (
