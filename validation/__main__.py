@@ -1,4 +1,4 @@
-"""`python -m validation [--out DIR] [--config FILE] [--checkpoint PATH] [--images DIR [--annotations FILE]]
+"""`python -m validation [--out DIR] [--quick] [--config FILE] [--checkpoint PATH] [--images DIR [--annotations FILE]]
 [--teacher-checkpoint PATH [--teacher-type vit_h]]`
 
 Exits 1, naming each failure, when a run cannot be validated, a conversion failed, or a file or a
@@ -9,6 +9,7 @@ are written either way.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from mobile_targets import check_target_options
@@ -50,6 +51,12 @@ def main() -> int:
         default=ValidationSettings.everything_points_per_side,
         help="grid of the segment-everything section (K x K points per photo; 0 skips it)",
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="for iterating: one photo, one instance, no baselines, no segment everything, 3 timed runs "
+        "(the defaults are what a shipped file is validated with)",
+    )
     parser.add_argument("--teacher-checkpoint", type=Path, help="official SAM checkpoint: also score against SAM")
     parser.add_argument("--teacher-type", choices=TEACHER_TYPES, default="vit_h")
     args = parser.parse_args()
@@ -65,6 +72,16 @@ def main() -> int:
         baselines=not args.skip_baselines,
         everything_points_per_side=max(0, args.everything_points_per_side),
     )
+    if args.quick:
+        settings = replace(
+            settings,
+            max_images=1,
+            instances_per_image=1,
+            baselines=False,
+            everything_points_per_side=0,
+            latency_runs=3,
+            warmup_runs=1,
+        )
     teacher = TeacherSpec(args.teacher_checkpoint, args.teacher_type) if args.teacher_checkpoint else None
     masks: dict = {}
     out = Path(config.out_dir)

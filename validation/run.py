@@ -10,7 +10,8 @@ one line in its file's, pair's or target's entry, and the others are still valid
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,6 +78,16 @@ class TeacherSpec:
 
     checkpoint: Path
     model_type: str = "vit_h"
+
+
+@contextmanager
+def timed(seconds: dict[str, float], section: str) -> Iterator[None]:
+    """Add the block's wall time to `seconds[section]`: the report says where a run's time went."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[section] = seconds.get(section, 0.0) + time.perf_counter() - start
 
 
 def time_runs(run: Callable[[], object], settings: ValidationSettings) -> Latency:
@@ -335,14 +346,16 @@ def validate_run(
                     sam, source, predictor = model.sam, model.source, model.predictor
                     if teacher_predictor is not None:
                         teacher_predictor.num_points = predictor.num_points
-                    references = build_reference(predictor, photos, settings, teacher_predictor)
+                    with timed(report.seconds, "PyTorch reference"):
+                        references = build_reference(predictor, photos, settings, teacher_predictor)
                     if not any(ref.cases for ref in references):
                         raise PipelineError(f"no prompts could be made from {photos.describe()}")
-                    baselines = (
-                        baseline_latencies(predictor, timed_reference(references), settings)
-                        if settings.baselines
-                        else Baselines()
-                    )
+                    with timed(report.seconds, "baselines"):
+                        baselines = (
+                            baseline_latencies(predictor, timed_reference(references), settings)
+                            if settings.baselines
+                            else Baselines()
+                        )
                     reference_runs[key] = (source, references, baselines, sam, {})
             except Exception as error:  # this run's error; the other targets are still validated
                 run.error = str(error) if isinstance(error, PipelineError) else one_line(error)
@@ -368,7 +381,8 @@ def validate_run(
                 sink = None
                 if overlays is not None and record.part == "prompt_decoder":
                     sink = overlays.setdefault(f"{record.target} {record.part} {record.precision}", {})
-                artifact = validate_artifact(manifest_path, manifest, record, references, settings, sink)
+                with timed(report.seconds, f"{manifest.target}: files"):
+                    artifact = validate_artifact(manifest_path, manifest, record, references, settings, sink)
                 gate = gates.get(record.precision)
                 failures = (
                     gate_failures(artifact.result, gate) if gate else [f"no gate for precision {record.precision!r}"]
@@ -381,10 +395,12 @@ def validate_run(
                     embeddings[(record.target, record.precision)] = artifact.embeddings
             validated[manifest.target] = manifest
             known = [a for a in loaded if a.record.precision in gates]
-            report.pairs += validate_pairs(manifest.target, known, references, gates)
-            report.everything += validate_everything(
-                manifest, loaded, references, photos, sam, everything_reference, settings
-            )
+            with timed(report.seconds, f"{manifest.target}: pairs"):
+                report.pairs += validate_pairs(manifest.target, known, references, gates)
+            with timed(report.seconds, f"{manifest.target}: segment everything"):
+                report.everything += validate_everything(
+                    manifest, loaded, references, photos, sam, everything_reference, settings
+                )
             report.runs.append(run)
         report.crosscheck = cross_check(validated, results, embeddings, gates)
         return report

@@ -270,6 +270,8 @@ class Report:
     pairs: list[PairResult] = field(default_factory=list)
     everything: list[EverythingResult] = field(default_factory=list)
     crosscheck: list[CrossCheck] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of each section of the run (PyTorch reference, each target's files, pairs, ...)."""
     """Core ML's emulator against Apple's Core AI runtime, part by part (when both were converted)."""
     schema_version: int = REPORT_SCHEMA_VERSION
     machine: str = field(default_factory=describe_machine)

@@ -239,6 +239,10 @@ def summary_markdown(report: Report) -> str:
         lines += [CROSSCHECK_NOTE, ""]
         lines += _table(CROSSCHECK_HEADER, crosscheck_rows(report))
     lines += ["", "## Per prompt kind", "", *_table(KIND_HEADER, kind_rows(report))]
+    if report.seconds:
+        total = sum(report.seconds.values())
+        lines += ["", f"## Where the time went ({total / 60:.1f} min)", ""]
+        lines += _table(("section", "s"), [[name, f"{s:.0f}"] for name, s in report.seconds.items()])
     return "\n".join(lines)
 
 
