@@ -71,14 +71,13 @@ SOURCES = (
 )
 
 
-def demoted(markdown: str, levels: int = 2) -> str:
-    """A stage's page as a section of this one: every heading `levels` deeper."""
-    lines = []
-    for line in markdown.splitlines():
-        if line.startswith("#"):
-            line = "#" * levels + line
-        lines.append(line)
-    return "\n".join(lines)
+def demoted(markdown: str) -> str:
+    """A stage's page as a section of this one: its title dropped (the section has one), every
+    other heading one level deeper."""
+    lines = markdown.splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return "\n".join("#" + line if line.startswith("#") else line for line in lines).strip("\n")
 
 
 def _converted_files(folders: list[Path]) -> list[str]:
