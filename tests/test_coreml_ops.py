@@ -427,3 +427,46 @@ def test_fp16_mode_rounds_where_the_program_says_fp16(tmp_path):
     np.testing.assert_array_equal(out_fp16, expected.astype(np.float32))
     out_fp32 = next(iter(emulated.run({"x": x}, mode="fp32").values()))
     assert np.abs(out_fp32 - out_fp16).max() > 0
+
+
+def test_fp16_rounding_in_place_equals_a_rounded_copy_and_spares_shared_values(tmp_path):
+    """The emulator rounds fresh fp16 outputs in place (any dimension order), leaves views of
+    fp16-exact values as they are, and rounds a view of an fp32 value into a new tensor: the
+    same bits as `.half().float()` everywhere, and the fp32 value it viewed untouched."""
+    from mobile_targets.coreml.emulator import _round_to
+
+    fresh = torch.from_numpy(_x(8, 9, 10, low=-70000.0, high=70000.0)).permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    expected = fresh.half().float()
+    assert not fresh.is_contiguous()
+    rounded = _round_to(fresh, "FLOAT16", "fp16")
+    assert rounded.data_ptr() == fresh.data_ptr() and torch.equal(rounded, expected)  # overflow to inf included
+    source = torch.from_numpy(_x(6, 7, low=-3.0, high=3.0))
+    view = source.t()
+    storage = {source.untyped_storage().data_ptr()}
+    copied = _round_to(view, "FLOAT16", "fp16", shared=storage)
+    assert torch.equal(copied, view.half().float()) and copied.data_ptr() != source.data_ptr()
+    assert not torch.equal(source, source.half().float())  # the fp32 input it viewed kept its bits
+    exact = source.half().float()
+    kept = _round_to(
+        exact.t(),
+        "FLOAT16",
+        "fp16",
+        shared={exact.untyped_storage().data_ptr()},
+        exact=storage | {exact.untyped_storage().data_ptr()},
+    )
+    assert kept.data_ptr() == exact.data_ptr() and torch.equal(kept, exact.t())
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(4, 250))], opset_version=ct.target.iOS17)
+    def program(x):
+        half = mb.cast(x=x, dtype="fp16")
+        flipped = mb.transpose(x=half, perm=[1, 0])  # a view of an fp16 value
+        summed = mb.add(x=flipped, y=np.float16(0.1))  # a fresh output, in the view's order
+        return mb.cast(x=mb.reshape(x=summed, shape=[1000]), dtype="fp32")
+
+    _save(program, tmp_path / "views.mlpackage")
+    x = _x(4, 250, low=1.0, high=100.0)
+    emulated = MilProgram(tmp_path / "views.mlpackage")
+    expected = (x.astype(np.float16).T + np.float16(0.1)).reshape(1000)
+    for _ in range(2):  # the second run proves no constant or input was rounded over
+        out = next(iter(emulated.run({"x": x.copy()}, mode="fp16").values()))
+        np.testing.assert_array_equal(out, expected.astype(np.float32))

@@ -17,8 +17,14 @@ import torch
 
 from pipeline.contract import BATCHED_DECODER, ENCODER
 from pipeline.errors import PipelineError, one_line
-from pipeline.predictor import NamedRunner
-from pipeline.segment_everything import AutomaticMaskGenerator, match_masks, reference_generator
+from pipeline.predictor import BatchedDecoder
+from pipeline.segment_everything import (
+    AutomaticMaskGenerator,
+    CallTimes,
+    RunnerPredictor,
+    match_masks,
+    reference_generator,
+)
 from validation.schema import EverythingPhoto, EverythingResult, GateResult
 
 THRESHOLDS: dict[str, dict[str, float]] = {
@@ -64,8 +70,17 @@ def score_everything(
     reference: ReferenceMasks,
     points_per_side: int,
 ) -> list[EverythingResult]:
-    """One result per threshold setting for an (encoder, batched decoder) pair of loaded files."""
+    """One result per threshold setting for an (encoder, batched decoder) pair of loaded files.
+
+    The settings only filter the same answers: the photos' embeddings (the ones validate scored
+    the encoder file with) and the grid's decoder answers are computed once for all of them."""
     results = []
+    predictor = None
+    if encoder.runner is not None and decoder.runner is not None:
+        predictor = RunnerPredictor(encoder.runner, BatchedDecoder(decoder.runner, batch), num_points, remember=True)
+        if encoder.embeddings is not None and len(encoder.embeddings) == len(images):
+            for image, embeddings in zip(images.values(), encoder.embeddings, strict=True):
+                predictor.add_embeddings(image, embeddings)
     for name, options in THRESHOLDS.items():
         result = EverythingResult(
             target=target,
@@ -76,11 +91,11 @@ def score_everything(
             thresholds=name,
             options={"points_per_side": points_per_side, **options},
         )
-        if encoder.runner is None or decoder.runner is None:
+        if predictor is None:
             result.error = f"not run: {encoder.result.error or decoder.result.error}"
         else:
             try:
-                _run(result, encoder.runner, decoder.runner, batch, num_points, images, reference[name], options)
+                _run(result, predictor, images, reference[name], options)
             except Exception as error:  # one pair's failure never stops the others
                 result.error = str(error) if isinstance(error, PipelineError) else f"running failed: {one_line(error)}"
         gated = result.encoder_precision == result.decoder_precision == GATED_PRECISION
@@ -98,18 +113,13 @@ def score_everything(
 
 def _run(
     result: EverythingResult,
-    encoder: NamedRunner,
-    decoder: NamedRunner,
-    batch: int,
-    num_points: int,
+    predictor: RunnerPredictor,
     images: dict[int, np.ndarray],
     reference: dict[int, list[dict[str, Any]]],
     options: dict[str, float],
 ) -> None:
-    generator = AutomaticMaskGenerator.over(
-        encoder, decoder, batch, num_points, points_per_side=result.options["points_per_side"], **options
-    )
-    predictor = generator.predictor
+    predictor.times = CallTimes()  # this setting's calls (remembered ones at the time they took)
+    generator = AutomaticMaskGenerator(predictor, points_per_side=result.options["points_per_side"], **options)
     for image_id, image in images.items():
         match = match_masks(reference[image_id], generator.generate(image))
         result.photos.append(EverythingPhoto(image_id=image_id, **match.to_json()))

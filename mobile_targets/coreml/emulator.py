@@ -18,8 +18,10 @@ own arithmetic differ. Reports say "emulated" wherever these numbers appear.
 
 from __future__ import annotations
 
+import ctypes
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,18 +189,96 @@ def _binding(binding: Any, weights: _WeightFiles) -> tuple[str, Any]:
     return ("value", _decode_value(binding.value, weights))
 
 
-def _round_to(value: Any, dtype: str, mode: str) -> Any:
-    """Store an op's result as the program declares it (fp16 rounding only in fp16 mode)."""
+ROUNDING_CHUNK = 1 << 16
+"""Elements rounded per step in place: the fp16 temporary stays in cache, and no op output is
+allocated twice (allocating and first touching large tensors cost more than the rounding)."""
+
+
+def _owns_its_storage(value: torch.Tensor) -> bool:
+    """Every element of the storage is one element of `value` (contiguous or permuted, not a view)."""
+    return (
+        value.storage_offset() == 0
+        and value.untyped_storage().nbytes() == value.numel() * value.element_size()
+        and all(stride > 0 for stride, size in zip(value.stride(), value.shape, strict=True) if size > 1)
+    )
+
+
+def _round_half_in_place(value: torch.Tensor) -> torch.Tensor:
+    """`value.half().float()`, bit for bit, written over `value` (a fresh fp32 tensor that owns
+    its storage, in any dimension order: the storage is rounded as one flat array)."""
+    flat = value.view(-1) if value.is_contiguous() else torch.empty(0).set_(value.untyped_storage())
+    for start in range(0, flat.numel(), ROUNDING_CHUNK):
+        part = flat[start : start + ROUNDING_CHUNK]
+        part.copy_(part.half())
+    return value
+
+
+def _round_to(value: Any, dtype: str, mode: str, shared: Collection[int] = (), exact: Collection[int] = ()) -> Any:
+    """Store an op's result as the program declares it (fp16 rounding only in fp16 mode).
+
+    `shared`: the storages of the op's inputs; an output that is a view of one of them (a
+    reshape, a slice, a constant passed through) is never rounded in place: it is left as it is
+    when that input is already fp16-exact (`exact`: a view holds only its values), else rounded
+    into a new tensor. A fresh output is rounded in place."""
     if not isinstance(value, torch.Tensor):
         return value
     if dtype == "FLOAT16":
         value = value.float()
-        return value.half().float() if mode == "fp16" else value
+        if mode != "fp16":
+            return value
+        storage = value.untyped_storage().data_ptr()
+        if storage in exact:
+            return value
+        if storage not in shared and _owns_its_storage(value):
+            return _round_half_in_place(value)
+        return value.half().float()
     if dtype.startswith("FLOAT"):
         return value.float()
     if dtype == "BOOL":
         return value.bool()
     return value.to(torch.int64)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_GLIBC_SETTLED_MMAP_THRESHOLD = 32 * 1024 * 1024
+"""Where glibc's dynamic mmap threshold settles in a process that frees large blocks (its
+DEFAULT_MMAP_THRESHOLD_MAX on 64-bit; the trim threshold follows at twice that)."""
+_REUSE_THRESHOLD = 1 << 30
+
+
+@contextmanager
+def _reused_heap() -> Iterator[None]:
+    """glibc keeps freed op outputs for the next op during a run instead of unmapping them.
+
+    Why: every op allocates its output anew, and glibc serves large blocks by mmap, so each
+    output is zero-filled page by page and unmapped when freed; for a batched decoder that was a
+    third of a call. Afterwards the thresholds go back to where glibc's own adjustment settles
+    and the freed memory is returned to the OS (malloc_trim), so other runtimes in the process
+    and the memory figures after a run are as without it. A no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, _REUSE_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _REUSE_THRESHOLD)
+    except (OSError, AttributeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_SETTLED_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_SETTLED_MMAP_THRESHOLD)
+        libc.malloc_trim(0)
+
+
+def _storages(values: Any) -> set[int]:
+    """The storage addresses of every tensor among `values` (lists included)."""
+    found: set[int] = set()
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.add(value.untyped_storage().data_ptr())
+        elif isinstance(value, list | tuple):
+            found |= _storages(value)
+    return found
 
 
 def read_model_spec(package: Path) -> Any:
@@ -247,6 +327,8 @@ class MilProgram:
         self.constants: dict[str, Any] = {}
         self.operations: list[Operation] = []
         self.var_shapes: dict[str, tuple[int, ...] | None] = {n: t.shape for n, t in self.inputs.items()}
+        self.var_dtypes: dict[str, str] = {n: t.dtype for n, t in self.inputs.items()}
+        """Every input's, constant's and op output's declared dtype: FLOAT16 values are fp16-exact in fp16 mode."""
         for op in block.operations:
             self._add(op, weights)
 
@@ -259,6 +341,7 @@ class MilProgram:
             )
         if op.type == "const":
             self.constants[name] = _decode_value(op.attributes["val"], weights)
+            self.var_dtypes[name] = _tensor_type(op.attributes["val"].type).dtype
             return
         if op.type not in KERNELS:
             raise UnsupportedOpError(
@@ -276,6 +359,7 @@ class MilProgram:
         operation = Operation(op.type, name, arguments, outputs)
         for output_name, output_type in outputs:
             self.var_shapes[output_name] = output_type.shape
+            self.var_dtypes[output_name] = output_type.dtype
         if op.type.startswith("constexpr_"):
             # compressed weights: decompress once, in the declared dtype, as Core ML does at load
             values = self._execute(operation, self.constants, "fp16")
@@ -308,10 +392,24 @@ class MilProgram:
         results = result if isinstance(result, tuple) else (result,)
         if len(results) != len(op.outputs):
             raise ArtifactError(f"{self.package}: op {op.name} gave {len(results)} outputs, declares {len(op.outputs)}")
+        shared = _storages(arguments.values())
+        exact = self._fp16_exact_storages(op.arguments.values(), env) if mode == "fp16" else set()
         return tuple(
-            _round_to(value, output_type.dtype, mode)
+            _round_to(value, output_type.dtype, mode, shared, exact)
             for value, (_, output_type) in zip(results, op.outputs, strict=True)
         )
+
+    def _fp16_exact_storages(self, arguments: Any, env: dict[str, Any]) -> set[int]:
+        """Storages of the arguments whose every value is already an fp16 value (declared FLOAT16)."""
+        found: set[int] = set()
+        for kind, payload in arguments:
+            if kind == "list":
+                found |= self._fp16_exact_storages(payload, env)
+            elif kind == "var" and self.var_dtypes.get(payload) == "FLOAT16":
+                value = self._resolve((kind, payload), env)
+                if isinstance(value, torch.Tensor):
+                    found.add(value.untyped_storage().data_ptr())
+        return found
 
     def run(
         self, inputs: dict[str, np.ndarray], mode: str = "fp16", intermediates: Collection[str] = ()
@@ -330,7 +428,7 @@ class MilProgram:
                     f"{self.package}: input {name!r} has shape {list(array.shape)}, expected {list(declared.shape)}"
                 )
             env[name] = _round_to(_as_torch(array, declared.dtype), declared.dtype, mode)
-        with torch.no_grad():
+        with torch.no_grad(), _reused_heap():
             for op in self.operations:
                 for (output_name, _), value in zip(op.outputs, self._execute(op, env, mode), strict=True):
                     env[output_name] = value
