@@ -6,7 +6,7 @@ section, and the Core ML emulator's time per call for each file (the cost the se
 Converts Core ML with the convert session's defaults into DIR first when DIR/coreml is missing
 (and times that), then times `calls` emulator calls of every file on its own self-test inputs,
 then runs validate with its defaults (the shipped held-out photos, prompts and gates) and prints
-the report's section times. Writes DIR/validate_time.json.
+the report's section times. Writes DIR/validate_time.json and validate's DIR/report.json.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from pipeline.config import RunConfig
 from pipeline.datasets import CocoPhotos
 from pipeline.files import atomic_write_json
 from pipeline.manifest import read_manifest
-from pipeline.provenance import Provenance
+from pipeline.provenance import command_line
 from pipeline.selftest import read_vectors
 from validation.reference import ValidationSettings
 from validation.run import validate_run
+from validation.schema import ValidateCost
 
 
 def emulator_calls(out: Path, calls: int) -> dict[str, float]:
@@ -55,24 +56,25 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=3)
     parser.add_argument("--skip-validate", action="store_true", help="only the emulator's per-call times")
     args = parser.parse_args()
-    result: dict = {"provenance": Provenance().__dict__}
+    result = ValidateCost(command=command_line())
     if not (args.out / "coreml" / "manifest.json").is_file():
         start = time.perf_counter()
         convert_target("coreml", RunConfig(out_dir=args.out))
-        result["convert_s"] = time.perf_counter() - start
-        print(f"convert_coreml: {result['convert_s']:.0f} s")
-    result["emulator_call_s"] = emulator_calls(args.out, args.calls)
+        result.convert_s = time.perf_counter() - start
+        print(f"convert_coreml: {result.convert_s:.0f} s")
+    result.emulator_call_s = emulator_calls(args.out, args.calls)
     if not args.skip_validate:
         start = time.perf_counter()
         report = validate_run(args.out, CocoPhotos.sample("validation"), ValidationSettings())
-        result["validate_s"] = time.perf_counter() - start
-        result["sections_s"] = report.seconds
-        result["failures"] = report.failures()
+        result.validate_s = time.perf_counter() - start
+        result.sections_s = report.seconds
+        result.failures = report.failures()
+        atomic_write_json(args.out / "report.json", report.to_json())  # the figures, to compare runs by
         for section, seconds in report.seconds.items():
             print(f"{section}: {seconds:.0f} s")
-        print(f"validate: {result['validate_s'] / 60:.1f} min, {len(result['failures'])} failures")
-    atomic_write_json(args.out / "validate_time.json", result)
-    print(json.dumps({k: v for k, v in result.items() if k != "failures"}, indent=1)[:2000])
+        print(f"validate: {result.validate_s / 60:.1f} min, {len(result.failures)} failures")
+    atomic_write_json(args.out / "validate_time.json", result.to_json())
+    print(json.dumps({k: v for k, v in result.to_json().items() if k != "failures"}, indent=1)[:2000])
 
 
 if __name__ == "__main__":

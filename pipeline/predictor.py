@@ -59,6 +59,12 @@ def stack_prompts(rows: list[dict[str, np.ndarray]], batch: int) -> dict[str, np
     unused rows repeat the first prompt (their outputs are ignored)."""
     if not 1 <= len(rows) <= batch:
         raise ValueError(f"a batched call takes 1..{batch} prompts, got {len(rows)}")
+    shared = rows[0]["image_embeddings"]
+    if any(
+        row["image_embeddings"] is not shared and not np.array_equal(row["image_embeddings"], shared) for row in rows
+    ):
+        # the file takes one photo's embeddings for all B prompts: rows of two photos would answer wrong
+        raise ValueError("a batched call's prompts must all be on the same image embeddings (one photo a call)")
     filled = rows + [rows[0]] * (batch - len(rows))
     stacked = {name: np.concatenate([row[name] for row in filled], axis=0) for name in PROMPT_INPUTS}
     return {"image_embeddings": rows[0]["image_embeddings"], **stacked}

@@ -64,6 +64,9 @@ def test_batched_decoder_prefetches_and_runs_the_rest_alone(reference):
         np.testing.assert_allclose(decoder.run(row)["low_res_masks"], answer["low_res_masks"], atol=2e-4)
     with pytest.raises(ValueError, match=r"1\.\.3 prompts"):
         stack_prompts(rows, 3)
+    other_photo = {**rows[1], "image_embeddings": rows[1]["image_embeddings"] + 1.0}
+    with pytest.raises(ValueError, match="same image embeddings"):  # the file would answer the first photo's
+        decoder.run_many([rows[0], other_photo])
 
 
 @pytest.mark.parametrize(

@@ -300,3 +300,21 @@ class Report:
             f"Core ML against Core AI, {c.part} {c.precision}: {c.verdict}" for c in self.crosscheck if not c.agrees
         ]
         return lines
+
+
+@dataclass
+class ValidateCost:
+    """What validate with its defaults costs on a Core ML convert folder (benchmarks/validate_time.py):
+    the emulator's seconds per call of each file, and each section of the run."""
+
+    emulator_call_s: dict[str, float] = field(default_factory=dict)
+    validate_s: float | None = None
+    sections_s: dict[str, float] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    convert_s: float | None = None
+    machine: str = field(default_factory=describe_machine)
+    created: str = field(default_factory=now)
+    command: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

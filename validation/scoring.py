@@ -128,20 +128,11 @@ def score_prompts(
     or on an encoder file's (a pair, end to end from the photo)."""
     segmenter = Segmenter(decoder)
     per_kind: dict[str, list[dict[str, float | None]]] = {}
-    photo_embeddings = [
-        reference.embeddings if embeddings is None else embeddings[i] for i, reference in enumerate(references)
-    ]
-    if isinstance(decoder, BatchedDecoder):  # every prompt of every photo in full B-row calls, then read back
-        decoder.prefetch(
-            [
-                {"image_embeddings": image_embeddings, **item.inputs}
-                for reference, image_embeddings in zip(references, photo_embeddings, strict=True)
-                for item in reference.cases
-            ]
-        )
     for index, reference in enumerate(references):
-        image_embeddings = photo_embeddings[index]
+        image_embeddings = reference.embeddings if embeddings is None else embeddings[index]
         segmenter.set_embeddings(reference.prepared, image_embeddings)
+        if isinstance(decoder, BatchedDecoder):  # every prompt of the photo in B-row calls, then read back
+            decoder.prefetch([{"image_embeddings": image_embeddings, **item.inputs} for item in reference.cases])
         drawn = overlay_case(reference)
         for item in reference.cases:
             actual = segmenter.decode({"image_embeddings": image_embeddings, **item.inputs}, item.case.multimask)

@@ -64,10 +64,29 @@ def _compat_markdown(report: Any) -> str:
     return compat_markdown(report)
 
 
+def _cost(path: Path) -> Any:
+    from validation.schema import ValidateCost
+
+    return read_result(path, ValidateCost, "validate cost")
+
+
+def _cost_markdown(cost: Any) -> str:
+    lines = ["The Core ML emulator's seconds per call of each file (on its own self-test inputs):", ""]
+    lines += ["| file | s a call |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.2f} |" for name, seconds in cost.emulator_call_s.items()]
+    if cost.validate_s is not None:
+        lines += ["", f"`nox -s validate` with its defaults: {cost.validate_s / 60:.1f} min, "]
+        lines[-1] += f"{len(cost.failures)} failures. Its sections:"
+        lines += ["", "| section | s |", "|---|---|"]
+        lines += [f"| {name} | {seconds:.0f} |" for name, seconds in cost.sections_s.items()]
+    return "\n".join(lines)
+
+
 SOURCES = (
     Source("Validation", "report.json", _report, _report_markdown),
     Source("Benchmark", "benchmark.json", _benchmark, _benchmark_markdown),
     Source("Runtime compatibility", "compat.json", _compat, _compat_markdown),
+    Source("What validate costs (Core ML)", "validate_time.json", _cost, _cost_markdown),
 )
 
 
