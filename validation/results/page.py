@@ -124,8 +124,9 @@ def results_markdown(folders: list[Path], command: str) -> str:
             if not path.is_file():
                 continue
             result = source.read(path)
+            targets = sorted({run.target for run in getattr(result, "runs", [])})
             sections += [
-                f"## {source.title}",
+                f"## {source.title}" + (f": {', '.join(targets)}" if targets else ""),
                 "",
                 f"- made by: `{result.command or 'not recorded'}`",
                 f"- machine: {result.machine or 'not recorded'}",
