@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, c
 from pipeline.contract import DEFAULT_BATCH_PROMPTS, PartContract, contract_for
 from pipeline.errors import ArtifactError
 from pipeline.files import atomic_write_json, sha256_file, size_bytes
-from pipeline.records import describe_validation_error
+from pipeline.records import describe_validation_error, read_json
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -194,12 +194,7 @@ def manifest_schema() -> dict[str, Any]:
 def read_manifest(path: Path) -> Manifest:
     """Parse a manifest; one clear line if it is missing or not one of ours."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArtifactError(f"manifest not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ArtifactError(f"{path} is not valid JSON: {error}") from None
+    raw = read_json(path, "manifest", ArtifactError)
     if not isinstance(raw, dict) or raw.get("schema_version") != SCHEMA_VERSION:
         raise ArtifactError(f"{path} is not a manifest of schema version {SCHEMA_VERSION}")
     raw.pop("random_weights", None)

@@ -73,16 +73,21 @@ def one_line_errors(prefix: str, error_type: type[PipelineError]) -> Any:
 Result = TypeVar("Result")
 
 
+def read_json(path: Path, what: str, error_type: type[PipelineError] = PipelineError) -> Any:
+    """A JSON file's content; one line naming `what` if it is missing or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error_type(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise error_type(f"{path} is not valid JSON: {error}") from None
+
+
 def read_result(path: Path, kind: type[Result], what: str) -> Result:
     """A result file a stage wrote (`report.json`, `benchmark.json`, `compat.json`) back as its
     typed record, nested dataclasses included; one line if it is missing or not one."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PipelineError(f"{path} is not valid JSON: {error}") from None
+    raw = read_json(path, what)
     try:
         return TypeAdapter(kind).validate_python(raw)
     except ValidationError as error:
