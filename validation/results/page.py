@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.manifest import find_manifests, read_manifest
 from pipeline.records import read_result
+from validation.benchmark.report import markdown
+from validation.benchmark.schema import Benchmark
+from validation.compat.matrix import CompatReport
+from validation.compat.text import compat_markdown
+from validation.schema import Report, ValidateCost
+from validation.text_report import summary_markdown
 
 NOTE = (
     "Desktop Linux runtimes on the machine named in each section: latencies rank the files and show "
@@ -20,54 +27,14 @@ NOTE = (
 
 @dataclass(frozen=True)
 class Source:
-    """One kind of result file: its name under a stage's --out folder and how it reads back."""
+    """One kind of result file: its name under a stage's --out folder, the typed record it reads
+    back as, and the stage's own Markdown for it."""
 
     title: str
     file_name: str
-    read: Callable[[Path], Any]
+    kind: type
+    what: str
     markdown: Callable[[Any], str]
-
-
-def _report(path: Path) -> Any:
-    from validation.schema import Report
-
-    return read_result(path, Report, "validate report")
-
-
-def _report_markdown(report: Any) -> str:
-    from validation.text_report import summary_markdown
-
-    return summary_markdown(report)
-
-
-def _benchmark(path: Path) -> Any:
-    from validation.benchmark.schema import Benchmark
-
-    return read_result(path, Benchmark, "benchmark result")
-
-
-def _benchmark_markdown(result: Any) -> str:
-    from validation.benchmark.report import markdown
-
-    return markdown(result)
-
-
-def _compat(path: Path) -> Any:
-    from validation.compat.matrix import CompatReport
-
-    return read_result(path, CompatReport, "compat report")
-
-
-def _compat_markdown(report: Any) -> str:
-    from validation.compat.text import compat_markdown
-
-    return compat_markdown(report)
-
-
-def _cost(path: Path) -> Any:
-    from validation.schema import ValidateCost
-
-    return read_result(path, ValidateCost, "validate cost")
 
 
 def _cost_markdown(cost: Any) -> str:
@@ -83,10 +50,10 @@ def _cost_markdown(cost: Any) -> str:
 
 
 SOURCES = (
-    Source("Validation", "report.json", _report, _report_markdown),
-    Source("Benchmark", "benchmark.json", _benchmark, _benchmark_markdown),
-    Source("Runtime compatibility", "compat.json", _compat, _compat_markdown),
-    Source("What validate costs (Core ML)", "validate_time.json", _cost, _cost_markdown),
+    Source("Validation", "report.json", Report, "validate report", summary_markdown),
+    Source("Benchmark", "benchmark.json", Benchmark, "benchmark result", markdown),
+    Source("Runtime compatibility", "compat.json", CompatReport, "compat report", compat_markdown),
+    Source("What validate costs (Core ML)", "validate_time.json", ValidateCost, "validate cost", _cost_markdown),
 )
 
 
@@ -101,7 +68,6 @@ def demoted(markdown: str) -> str:
 
 def _converted_files(folders: list[Path]) -> list[str]:
     """One line per convert folder: its target, files, weights and the command that made it."""
-    from pipeline.manifest import find_manifests, read_manifest
 
     lines = []
     for folder in folders:
@@ -123,7 +89,7 @@ def results_markdown(folders: list[Path], command: str) -> str:
             path = Path(folder) / source.file_name
             if not path.is_file():
                 continue
-            result = source.read(path)
+            result = read_result(path, source.kind, source.what)
             targets = sorted({run.target for run in getattr(result, "runs", [])})
             sections += [
                 f"## {source.title}" + (f": {', '.join(targets)}" if targets else ""),
