@@ -94,6 +94,27 @@ def test_fp16_decoder_keeps_the_point_encoding_fp32(our_model, photos, tmp_path)
 
 
 @pytest.mark.slow
+def test_int8_decoder_stores_int8_weights_and_holds_its_gate(coreai_fp32, our_model, photos, tmp_path):
+    """coreai-opt's int8 weights: under a third of the fp32 asset's bytes, and within the int8 gate
+    on every self-test prompt in Apple's runtime (compute stays fp32, so it runs at fp32's speed)."""
+    parts = build_parts(RunConfig(batch_prompts=0), our_model, photos)
+    decoder = parts[1]
+    target = get_target("coreai")
+    path = tmp_path / "prompt_decoder_int8.aimodel"
+    details = target.convert_part(decoder, "int8", path)
+    assert "int8 per output channel" in details["compute"]
+    size = sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+    fp32 = coreai_fp32.parent / "prompt_decoder_fp32.aimodel"
+    assert size < sum(file.stat().st_size for file in fp32.rglob("*") if file.is_file()) / 3
+    runner = target.load_runner(path, decoder.contract)
+    tolerance = selftest_tolerance(DEFAULT_GATES["int8"], decoder.name)
+    for case in decoder.selftest:
+        result = check_case(case, runner.run(case.inputs), tolerance)
+        assert result.passed, (case.kind, result.misses)
+    assert target.selftest_only("image_encoder", "int8") is None  # scored on every photo, like fp32
+
+
+@pytest.mark.slow
 def test_broken_assets_are_one_line(coreai_fp32, tmp_path):
     """A missing program, a truncated one (Apple's runtime aborts the process on it, so the asset's
     own digest is checked first), and a file where the folder should be: one line naming it."""
