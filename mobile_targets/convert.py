@@ -56,10 +56,6 @@ class GateMiss(ArtifactError):
     """A fresh file that converted and runs but misses its precision's gate (PSNR or self-test vectors)."""
 
 
-"""Minimum PSNR of every output against PyTorch on the example photo, checked right after
-conversion. Loose for quantized files: they are scored properly by the validate stage."""
-
-
 MADE_WHERE_GATE_HOLDS = ("w8a8",)
 """Precisions made on request whose files are left out (`not_made`) where they miss their gate,
 not failed: full-integer quantization holds for some parts and not others (TFLite's w8a8
