@@ -110,6 +110,35 @@ def image_pe_tokens_at_run_time(
     return torch.cat([sin_uv, cos_uv], dim=-1).reshape(1, grid_size * grid_size, 2 * half)
 
 
+ImagePe = Callable[[PositionEmbeddingRandom, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(pe_layer, axis_points, anchor_points) -> the image positional encoding in token layout: a
+converter may build it from other ops (`image_pe_tokens_at_run_time` is the default)."""
+
+
+def label_embeddings_as_masks(prompt_encoder: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The embedding each label adds (B x slots x 256): the not-a-point embedding for padding, a
+    point or box-corner embedding for labels 0-3, each times a 0/1 mask of the slots with that label."""
+    labels = labels.unsqueeze(-1)
+    weights = prompt_encoder.not_a_point_embed.weight
+    embedding = weights * (labels == _PADDING).to(weights.dtype)
+    for index, point_embedding in enumerate(prompt_encoder.point_embeddings):
+        embedding = embedding + point_embedding.weight * (labels == index).to(embedding.dtype)
+    return embedding
+
+
+LabelEmbeddings = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+"""(prompt_encoder, point_labels) -> what each label adds: a converter may pick the rows otherwise."""
+
+
+def expand_rows(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """`rows` (leading dimension 1) for each of `batch` prompts, as a broadcast view."""
+    return rows.expand(batch, *rows.shape[1:])
+
+
+BatchRows = Callable[[torch.Tensor, int], torch.Tensor]
+"""(rows with leading dimension 1, B) -> B copies: a converter may make them otherwise."""
+
+
 WeightedValues = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 """Attention's last step, (logits, values, key_keep) -> weighted values: a converter may swap
 in other arithmetic (TFLite's full-integer decoder normalizes after the product)."""
@@ -184,6 +213,9 @@ class PromptDecoderForExport(nn.Module):
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder: MaskDecoder = sam.mask_decoder
         self.weighted_values: WeightedValues = softmax_times_kept_values
+        self.image_pe: ImagePe = image_pe_tokens_at_run_time  # likewise, for the next two
+        self.label_embeddings: LabelEmbeddings = label_embeddings_as_masks
+        self.batch_rows: BatchRows = expand_rows
         grid_size = self.prompt_encoder.image_embedding_size[0]
         self.register_buffer("image_pe_axis_points", image_pe_axis_points(grid_size), persistent=False)
 
@@ -192,19 +224,16 @@ class PromptDecoderForExport(nn.Module):
         `coords` are pixel centres in [0, 1]."""
         encoder = self.prompt_encoder
         embedding = encoder.pe_layer._pe_encoding(coords)
-        labels = point_labels.unsqueeze(-1)
-        embedding = embedding * (labels != _PADDING).to(embedding.dtype)
-        embedding = embedding + encoder.not_a_point_embed.weight * (labels == _PADDING).to(embedding.dtype)
-        for index, point_embedding in enumerate(encoder.point_embeddings):
-            embedding = embedding + point_embedding.weight * (labels == index).to(embedding.dtype)
-        return embedding
+        embedding = embedding * (point_labels.unsqueeze(-1) != _PADDING).to(embedding.dtype)
+        return embedding + self.label_embeddings(encoder, point_labels).to(embedding.dtype)
 
     def _embed_mask(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
         encoder = self.prompt_encoder
         use_mask = has_mask_input.view(-1, 1, 1, 1)
-        return use_mask * encoder.mask_downscaling(mask_input) + (1.0 - use_mask) * encoder.no_mask_embed.weight.view(
-            1, -1, 1, 1
-        )
+        no_mask = encoder.no_mask_embed.weight.view(1, -1, 1, 1)
+        if self.batch_rows is not expand_rows:  # a broadcast both ways where B > 1: the converter's own rows
+            no_mask = self.batch_rows(no_mask, use_mask.shape[0])
+        return use_mask * encoder.mask_downscaling(mask_input) + (1.0 - use_mask) * no_mask
 
     def forward(
         self,
@@ -220,13 +249,13 @@ class PromptDecoderForExport(nn.Module):
         sparse = self._embed_points(coords, point_labels)
         dense = self._embed_mask(mask_input, has_mask_input)
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
+        tokens = torch.cat([self.batch_rows(output_tokens.unsqueeze(0), sparse.shape[0]), sparse], dim=1)
         token_keep = torch.cat(
             [torch.ones_like(point_labels[:, :1]).expand(-1, output_tokens.shape[0]), padding_key_keep(point_labels)],
             dim=1,
         )
         src = image_embeddings + dense
-        image_pe = image_pe_tokens_at_run_time(self.prompt_encoder.pe_layer, self.image_pe_axis_points, coords)
+        image_pe = self.image_pe(self.prompt_encoder.pe_layer, self.image_pe_axis_points, coords)
         hidden, src = _two_way_transformer(decoder.transformer, src, image_pe, tokens, token_keep, self.weighted_values)
         iou_token_out = hidden[:, 0, :]
         mask_tokens_out = hidden[:, 1 : 1 + decoder.num_mask_tokens, :]

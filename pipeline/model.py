@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import types
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -55,6 +56,7 @@ class MobileSamTinyViT(TinyVit):
         )
         self.img_size = IMAGE_SIZE  # SamPredictor reads image_encoder.img_size
         _make_export_friendly(self)
+        self.anchor_corner: AnchorCorner = first_channel_corner  # a converter may take another form of it
         self.bias_anchor_shape = (max(num_heads) + 1, max(window_sizes) + 1)
         """The corner of the input each attention's bias gather is anchored on (`forward`): one
         row and column more than any attention takes, so that every attention's part of it is a
@@ -79,7 +81,7 @@ class MobileSamTinyViT(TinyVit):
         activations crossing it to fp32 and back; anchored on the input, the gathers can run
         before everything else and the encoder stays one partition (docs/tflite.md)."""
         rows, columns = self.bias_anchor_shape
-        bias_anchor = x[:, :, :rows, :columns][0, 0]  # slices first: the selects copy rows x columns values
+        bias_anchor = self.anchor_corner(x, rows, columns)
         x = self.patch_embed(x)
         for stage in self.stages:
             if not isinstance(stage, TinyVitStage):
@@ -90,6 +92,16 @@ class MobileSamTinyViT(TinyVit):
                 x = block(x, bias_anchor)
             x = x.permute(0, 3, 1, 2)
         return self.neck(x)
+
+
+AnchorCorner = Callable[[torch.Tensor, int, int], torch.Tensor]
+"""(image, rows, columns) -> the corner of the image the attention biases are anchored on."""
+
+
+def first_channel_corner(image: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """The first image's first channel, its top-left rows x columns, as a 2-D tensor (slices first:
+    the selects then copy rows x columns values)."""
+    return image[:, :, :rows, :columns][0, 0]
 
 
 def _make_export_friendly(encoder: TinyVit) -> None:
@@ -113,6 +125,7 @@ def _make_export_friendly(encoder: TinyVit) -> None:
         if isinstance(module, TinyVitAttention):
             module.forward = types.MethodType(_attention_as_bmm, module)
             module.weighted_values = softmax_times_values  # a converter may swap in other arithmetic
+            module.bias_from_table = _gather_biases_at_run_time  # likewise, with the encoder's anchor_corner
             _register_separable_bias_index(module)
         elif isinstance(module, TinyVitBlock):
             module.forward = types.MethodType(_block_with_channels_last_local_conv, module)
@@ -199,7 +212,9 @@ def _attention_as_bmm(self: TinyVitAttention, x: torch.Tensor, bias_anchor: torc
     """timm's TinyVit attention, the same arithmetic, with (windows x heads) folded into one
     batch dimension so both matmuls are `bmm` and q, k, v are slices (no expand, no split).
     Without a `bias_anchor` the biases are anchored on the first window's tokens."""
-    attention_bias = _gather_biases_at_run_time(self, x[0] if bias_anchor is None else bias_anchor)
+    if bias_anchor is None:  # the first window's tokens, in the form the encoder's anchor_corner gives
+        bias_anchor = x[0] if self.bias_from_table is _gather_biases_at_run_time else x[None, :1]
+    attention_bias = self.bias_from_table(self, bias_anchor)
     windows, tokens, _ = x.shape
     heads = self.num_heads
     qkv = self.qkv(self.norm(x)).view(windows, tokens, heads, -1).permute(0, 2, 1, 3)

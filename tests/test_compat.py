@@ -73,7 +73,8 @@ def test_matrix_passes_refuses_and_catches_a_wrong_answer(tflite_converted, tmp_
     """The shipped files in tflite-runtime 2.14 and ai-edge-litert 2.3: every float file passes in
     both; the int8 files pass in 2.3 and are refused by 2.14 (FULLY_CONNECTED version 12). The
     int8 encoder as the quantizer declared it (version 5) loads in 2.14 and answers wrong: the
-    matrix says wrong, fails its gate, and the manifest records it."""
+    matrix says wrong, fails its gate, and the manifest records it. Every fp32 and fp16 file has
+    no op LiteRT's GPU delegate cannot run (TensorFlow 2.16's analyzer), recorded in the manifest."""
     out = tmp_path / "out"
     shutil.copytree(Path(tflite_converted).parent, out / "tflite")
     manifest_path = out / "tflite" / "manifest.json"
@@ -100,15 +101,20 @@ def test_matrix_passes_refuses_and_catches_a_wrong_answer(tflite_converted, tmp_
     assert decoder.verdict == "refused" and "'FULLY_CONNECTED' version '12'" in decoder.detail
     failures = report.gate_failures()
     assert len(failures) == 1 and "image_encoder_int8.tflite" in failures[0] and old in failures[0]
+    gpu = {c.file: c for c in report.gpu}  # TensorFlow 2.16's analyzer: the fp32 and fp16 files are GPU-ready
+    assert set(gpu) == files
+    assert all(c.verdict == "all ops" for c in gpu.values() if c.precision in ("fp32", "fp16")), report.gpu
 
     write_report(out, report)
     assert read_report(out) == report
-    assert "**WRONG**" in (out / "compat.md").read_text()
+    page = (out / "compat.md").read_text()
+    assert "**WRONG**" in page and "## LiteRT GPU delegate" in page
     record_in_manifests(out, report)
     records = {item["file"]: item for item in json.loads(manifest_path.read_text())["artifacts"]}
     assert records["image_encoder_int8.tflite"]["details"]["runtimes"]["wrong"] == [old]
     assert records["prompt_decoder_int8.tflite"]["details"]["runtimes"]["refused"] == [old]
     assert records["image_encoder_fp32.tflite"]["details"]["runtimes"]["pass"] == [new, old]
+    assert records["image_encoder_fp16.tflite"]["details"]["gpu_delegate"]["verdict"] == "all ops"
 
 
 def test_matrix_refuses_damaged_vectors_and_changed_files(tflite_converted, tmp_path):

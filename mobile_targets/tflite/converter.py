@@ -26,6 +26,7 @@ from timm.models.tiny_vit import Attention as TinyVitAttention
 
 from mobile_targets.base import PartToConvert, Runner, Target, replace_options
 from mobile_targets.tflite.arithmetic import ForcedFp16Signature, declared_arithmetic, mark_fp16_arithmetic
+from mobile_targets.tflite.gpu_ready import gpu_ready
 from mobile_targets.tflite.op_versions import declare_required_versions
 from pipeline.config import parse_bool
 from pipeline.contract import ENCODER, PartContract
@@ -362,9 +363,9 @@ class TFLiteTarget(Target):
         if precision not in self.precisions:
             raise PipelineError(f"tflite does not support precision {precision!r}")
         module = part.module
-        if precision == "w8a8":
-            module = attention_exp_as_sigmoids(module)
-        elif computes_in_fp16(part, precision):
+        # w8a8 is for NPUs: its int8 activations would quantize the GPU graph's one-hot products
+        module = attention_exp_as_sigmoids(module) if precision == "w8a8" else gpu_ready(module)
+        if computes_in_fp16(part, precision):
             module = gelu_as_tanh_approximation(module)
         named = NamedInputsOutputs(module, part.contract).eval()
         sample = dict(zip(part.contract.input_names, part.example_inputs, strict=True))

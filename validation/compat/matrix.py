@@ -4,7 +4,9 @@ A cell is `pass` (the file meets its manifest's self-test tolerance there), `ref
 error at load or run: the app cannot ship it silently) or `wrong` (it runs and misses its
 tolerance: the failure an app would never notice, which `gate_failures` turns into exit 1).
 Core ML packages cannot run here; their spec version is read and checked against the minimum OS
-their manifest promises (`coreml_checks`).
+their manifest promises (`coreml_checks`). Every `.tflite` goes through TensorFlow's GPU-delegate
+compatibility analyzer (`gpu_delegate_checks`): an fp32 or fp16 file with an op the delegate
+cannot run fails the gate.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from validation.compat.runtimes import (
     RuntimeSpec,
     environment_python,
     installed_version,
+    runtime_spec,
 )
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,31 @@ class CoreMLCheck:
 
 
 @dataclass(frozen=True)
+class GpuDelegateCheck:
+    """A `.tflite` file's ops that LiteRT's GPU delegate cannot run, by TensorFlow's analyzer."""
+
+    target: str
+    file: str
+    part: str
+    precision: str
+    analyzer: str
+    issues: tuple[str, ...]
+    """"Op#41 GATHER_ND: Not supported op GATHER_ND", one per op the delegate refuses."""
+    verdict: str
+    """`all ops`, `<n> ops not`, or `unavailable: <why>` (the analyzer's environment could not be built)."""
+
+
+GPU_ANALYZER = "tensorflow-cpu-2.16.2"
+"""The TensorFlow whose model analyzer still checks GPU-delegate compatibility: 2.21's reports any
+model compatible (a graph of STABLEHLO_SORT and 2-D SLICE passes it), so a newer one would pass
+every file silently."""
+GPU_ANALYZER_SCRIPT = Path(__file__).with_name("gpu_analyzer.py")
+GPU_READY_PRECISIONS = ("fp32", "fp16")
+"""The `.tflite` files made for the GPU delegate: any op it cannot run fails the gate (int8 and
+w8a8 files are for the CPU and NPUs: reported, not gated)."""
+
+
+@dataclass(frozen=True)
 class NotRun:
     """A file no runtime build of the matrix loads, and why: listed, never skipped silently."""
 
@@ -104,6 +132,7 @@ class CompatReport:
     runtimes: tuple[RuntimeColumn, ...]
     cells: tuple[Cell, ...]
     coreml: tuple[CoreMLCheck, ...] = ()
+    gpu: tuple[GpuDelegateCheck, ...] = ()
     not_run: tuple[NotRun, ...] = ()
     created: str = field(default_factory=now)
     machine: str = field(default_factory=describe_machine)
@@ -124,6 +153,11 @@ class CompatReport:
             f"{c.target} {c.file}: needs {c.minimum_os} (spec {c.specification_version}), promised {c.promised_os}"
             for c in self.coreml
             if c.verdict != "pass"
+        ]
+        failures += [
+            f"{c.target} {c.file}: {c.verdict} on LiteRT's GPU delegate ({'; '.join(c.issues[:3])})"
+            for c in self.gpu
+            if c.precision in GPU_READY_PRECISIONS and c.verdict != "all ops"
         ]
         return failures
 
@@ -225,6 +259,47 @@ def coreml_checks(out: Path) -> list[CoreMLCheck]:
     return checks
 
 
+def gpu_delegate_checks(out: Path) -> list[GpuDelegateCheck]:
+    """Every `.tflite` under `out` through TensorFlow's GPU-compatibility analyzer (`GPU_ANALYZER`,
+    in its own environment, built on first use); a file the analyzer cannot read is its own line."""
+    records = [
+        (manifest_path, record)
+        for manifest_path in find_manifests(out)
+        for record in read_manifest(manifest_path).artifacts
+        if record.file.endswith(".tflite")
+    ]
+    if not records:
+        return []
+    spec = runtime_spec(GPU_ANALYZER)
+    try:
+        python = environment_python(spec)
+    except PipelineError as error:  # said in every row, never a silent pass
+        unavailable = f"unavailable: {error}"
+        return [GpuDelegateCheck(r.target, r.file, r.part, r.precision, spec.name, (), unavailable) for _, r in records]
+    checks = []
+    for manifest_path, record in records:
+        analyzer = f"{spec.name} (tf.lite.experimental.Analyzer, gpu_compatibility=True)"
+        try:
+            path = verify_artifact(manifest_path, record)
+            done = subprocess.run(
+                [str(python), str(GPU_ANALYZER_SCRIPT), str(path)],
+                capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
+            )  # fmt: skip
+            lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            if done.returncode != 0 or not lines:
+                last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise PipelineError(f"the analyzer failed on {record.file}: {last}")
+            result = json.loads(lines[-1])
+            issues = tuple(result["issues"])
+            verdict = "all ops" if result["compatible"] else f"{len(issues)} ops not"
+        except PipelineError as error:
+            issues, verdict = (), f"unavailable: {error}"
+        checks.append(
+            GpuDelegateCheck(record.target, record.file, record.part, record.precision, analyzer, issues, verdict)
+        )
+    return checks
+
+
 def build_matrix(out: Path, runtimes: list[RuntimeSpec]) -> CompatReport:
     """Every file under `out` that a runtime family loads, in each runtime of that family."""
     manifests = find_manifests(out)
@@ -271,7 +346,14 @@ def _build_matrix(out: Path, manifests: list[Path], runtimes: list[RuntimeSpec])
         for _, _, record in records
         if record.target not in TARGET_FAMILIES and not record.file.endswith(".mlpackage")
     ]
-    return CompatReport(tuple(columns), tuple(cells), tuple(coreml_checks(out)), tuple(not_run), command=command_line())
+    return CompatReport(
+        tuple(columns),
+        tuple(cells),
+        tuple(coreml_checks(out)),
+        tuple(gpu_delegate_checks(out)),
+        tuple(not_run),
+        command=command_line(),
+    )
 
 
 def runtime_summary(report: CompatReport, file: str, target: str) -> dict[str, list[str]]:
@@ -290,10 +372,20 @@ def record_in_manifests(out: Path, report: CompatReport) -> None:
         with folder_lock(manifest_path.parent, exclusive=True, purpose="a compat run recording its matrix"):
             raw = json.loads(manifest_path.read_text())
             changed = False
+            gpu = {(c.target, c.file): c for c in report.gpu}
             for item in raw.get("artifacts", []):
                 summary = runtime_summary(report, item["file"], item["target"])
                 if any(summary.values()):
                     item.setdefault("details", {})["runtimes"] = {**summary, "checked": report.created}
+                    changed = True
+                check = gpu.get((item["target"], item["file"]))
+                if check is not None:
+                    item.setdefault("details", {})["gpu_delegate"] = {
+                        "verdict": check.verdict,
+                        "ops_not_supported": list(check.issues),
+                        "analyzer": check.analyzer,
+                        "checked": report.created,
+                    }
                     changed = True
             if changed:
                 atomic_write_json(manifest_path, raw)

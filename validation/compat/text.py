@@ -40,11 +40,22 @@ def compat_markdown(report: CompatReport) -> str:
             f"| {c.target} | {c.file} | {c.specification_version} | {c.minimum_os} | {c.promised_os} | {c.verdict} |"
             for c in report.coreml
         ]
+    if report.gpu:
+        lines += ["", f"## LiteRT GPU delegate ({report.gpu[0].analyzer})", ""]
+        lines += [
+            "The ops of each `.tflite` the GPU delegate cannot run (each would run on the CPU, or stop "
+            "LiteRT's CompiledModel from starting on the GPU). fp32 and fp16 files must have none.",
+            "",
+            "| target | file | GPU delegate | ops it cannot run |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {c.target} | {c.file} | {c.verdict} | {'; '.join(c.issues) or '-'} |" for c in report.gpu]
     if report.not_run:
         lines += ["", "## Not in the matrix", ""]
         lines += [f"- {n.target} {n.file}: {n.reason}" for n in report.not_run]
     failures = report.gate_failures()
-    lines += ["", f"Gate: {'FAILED, ' + str(len(failures)) + ' cells' if failures else 'no file answers wrong'}.", ""]
+    verdict = f"FAILED, {len(failures)} findings" if failures else "no file answers wrong or misses the GPU delegate"
+    lines += ["", f"Gate: {verdict}.", ""]
     return "\n".join(lines)
 
 
@@ -86,6 +97,10 @@ def compat_html(report: CompatReport) -> str:
             for c in report.coreml
         ]
         parts += ["<h3>Core ML packages (declared minimum OS)</h3>", table(header, rows)]
+    if report.gpu:
+        rows = [[c.target, c.file, c.verdict, "; ".join(c.issues) or "-"] for c in report.gpu]
+        title = f"<h3>LiteRT GPU delegate ({html.escape(report.gpu[0].analyzer)})</h3>"
+        parts += [title, table(["target", "file", "GPU delegate", "ops it cannot run"], rows)]
     if report.not_run:
         rows = [[n.target, n.file, n.reason] for n in report.not_run]
         parts += ["<h3>Not in the matrix</h3>", table(["target", "file", "why"], rows)]

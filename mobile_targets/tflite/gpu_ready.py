@@ -1,0 +1,127 @@
+"""Graph patches that let LiteRT's GPU delegate run a whole `.tflite`, each exact against the graph
+it replaces (tests/test_gpu_ready.py) and each saying which delegate rule it meets.
+
+The GPU delegate's rules are TensorFlow Lite's `gpu_compatibility` checks (what
+`tf.lite.experimental.Analyzer.analyze(..., gpu_compatibility=True)` reports): no GATHER_ND, SLICE
+only on 3-D or 4-D tensors, a MUL's operands broadcast one way only (one of them at least as large
+as the other in every dimension), no BROADCAST_TO.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.models.tiny_vit import Attention as TinyVitAttention
+
+from pipeline.export_wrappers import PromptDecoderForExport
+from pipeline.model import MobileSamTinyViT
+
+
+def four_d_corner(image: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """The first channel's top-left rows x columns, kept 4-D (1, 1, rows, columns).
+
+    Why: the default corner is 2-D, and each attention's part of it a 2-D SLICE, which the GPU
+    delegate does not take; the same values sliced as 4-D tensors are."""
+    return image[:1, :1, :rows, :columns]
+
+
+def one_hot_bias_table(self: TinyVitAttention, anchor: torch.Tensor) -> torch.Tensor:
+    """The (heads, tokens, tokens) bias of `pipeline.model._gather_biases_at_run_time`, the two
+    per-axis gathers written as products with constant one-hot matrices.
+
+    Why: litert-torch lowers those gathers to GATHER_ND, which the GPU delegate does not run (the
+    encoder's 20 of them would each cut the graph between GPU and CPU). A one-hot product picks
+    each value times 1 plus zeros: exact in fp32 and fp16 alike. The table keeps its run-time
+    anchor row (so no converter folds it into the full table) and stays compact."""
+    heads, offsets = self.num_heads, self.bias_axis_offsets
+    size = math.isqrt(offsets.shape[0])
+    dtype = self.attention_biases.dtype
+    table = torch.cat(
+        [self.attention_biases.view(heads, size, size), anchor[:, :, :heads, :size].reshape(heads, 1, size).to(dtype)],
+        dim=1,
+    )  # [h, dy + anchor row, dx]
+    # the one-hot rows with one run-time row more (dropped after the product): a constant on the
+    # left of a BATCH_MATMUL is what XNNPACK refuses in fp16 arithmetic
+    anchor_row = anchor[:, :, :1, : size + 1].reshape(1, size + 1).to(dtype)
+    pick_rows = torch.cat([self.pick_bias_rows.to(dtype), anchor_row], dim=0)
+    by_rows = torch.matmul(pick_rows, table)[:, : size * size]  # [h, (i1, i2), dx]
+    bias = torch.matmul(by_rows, self.pick_bias_columns.to(dtype))  # [h, (i1, i2), (j1, j2)]
+    bias = bias.view(heads, size, size, size, size).permute(0, 1, 3, 2, 4)  # [h, i1, j1, i2, j2]
+    return bias.reshape(heads, size * size, size * size)
+
+
+def one_hot_label_embeddings(prompt_encoder: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """`pipeline.export_wrappers.label_embeddings_as_masks` as one product: the labels' one-hot
+    rows (-1 to 3) times the table of the five embeddings.
+
+    Why: there each 0/1 mask (B x slots x 1) multiplies an embedding (1 x 256), a MUL broadcast
+    both ways, which the GPU delegate refuses. One row of the one-hot picks one embedding times 1
+    plus zeros: exact."""
+    table = torch.cat(
+        [prompt_encoder.not_a_point_embed.weight, *(e.weight for e in prompt_encoder.point_embeddings)], dim=0
+    )
+    label_values = torch.arange(-1, table.shape[0] - 1, dtype=labels.dtype)
+    one_hot = (labels.unsqueeze(-1) == label_values).to(table.dtype)
+    return torch.matmul(one_hot, table)
+
+
+def image_pe_tokens_tiled(
+    pe_layer: torch.nn.Module, axis_points: torch.Tensor, anchor_points: torch.Tensor
+) -> torch.Tensor:
+    """`pipeline.export_wrappers.image_pe_tokens_at_run_time` with 3-D slices and the row terms
+    tiled to the full grid before the angle-sum products.
+
+    Why: there the per-axis terms are 2-D slices of the encoding and the products multiply a
+    (1, g, 128) column term by a (g, 1, 128) row term, a MUL broadcast both ways; the GPU delegate
+    takes neither. Tiled, each product has one full-size operand; the values are the same. The
+    tiling is a product with a column of ones (`repeat` and `expand` export as BROADCAST_TO, which
+    the delegate refuses too): one term per value, times 1, exact."""
+    grid_size = axis_points.shape[1] // 2
+    encoded = pe_layer._pe_encoding(torch.cat([axis_points, anchor_points[:1]], dim=1))[:, : 2 * grid_size]
+    half = encoded.shape[-1] // 2
+    sin_u, cos_u = encoded[:, :grid_size, :half], encoded[:, :grid_size, half:]  # (1, g, half): columns
+    ones = torch.ones(grid_size, 1, dtype=encoded.dtype)
+    rows = torch.matmul(ones, encoded[:, grid_size:].reshape(grid_size, 1, 2 * half))  # (g, g, 2 half), 1 x v
+    sin_v, cos_v = rows[:, :, :half], rows[:, :, half:]
+    sin_uv = sin_v * cos_u + cos_v * sin_u
+    cos_uv = cos_v * cos_u - sin_v * sin_u
+    return torch.cat([sin_uv, cos_uv], dim=-1).reshape(1, grid_size * grid_size, 2 * half)
+
+
+def rows_times_ones(rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """`rows` (leading dimension 1) for each of `batch` prompts, as a product with a column of ones.
+
+    Why: `expand` exports as BROADCAST_TO, which the GPU delegate does not run (the batched
+    decoder's output tokens), and leaving the broadcast to a MUL broadcasts it both ways (its
+    no-mask embedding). One term per value, times 1: exact."""
+    if batch == 1:  # nothing to broadcast (and litert-torch fails on the 1 x 1 product)
+        return rows
+    ones = torch.ones(batch, 1, dtype=rows.dtype)
+    return torch.matmul(ones, rows.reshape(1, -1)).reshape(batch, *rows.shape[1:])
+
+
+def gpu_ready(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of an export wrapper (or anything holding one) with every patch above: the encoder's
+    biases from `one_hot_bias_table` anchored on `four_d_corner`; the decoder's
+    `one_hot_label_embeddings`, `image_pe_tokens_tiled` and `rows_times_ones`."""
+    patched = copy.deepcopy(module)
+    for child in patched.modules():
+        if isinstance(child, MobileSamTinyViT):
+            child.anchor_corner = four_d_corner
+        elif isinstance(child, TinyVitAttention):
+            child.bias_from_table = one_hot_bias_table
+            offsets = child.bias_axis_offsets
+            size = math.isqrt(offsets.shape[0])
+            # constants, made here: F.one_hot in the graph exports run-time range checks
+            child.register_buffer("pick_bias_rows", F.one_hot(offsets, size + 1).float(), persistent=False)
+            child.register_buffer(
+                "pick_bias_columns", F.one_hot(offsets, size).float().T.contiguous(), persistent=False
+            )
+        elif isinstance(child, PromptDecoderForExport):
+            child.label_embeddings = one_hot_label_embeddings
+            child.image_pe = image_pe_tokens_tiled
+            child.batch_rows = rows_times_ones
+    return patched

@@ -1,0 +1,64 @@
+"""The `.tflite` graph patches for LiteRT's GPU delegate: each exact against the graph it replaces
+(the full architecture, real photos, every self-test prompt), and the analyzer that proves the
+delegate takes every op able to say it does not."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from mobile_targets.convert import build_parts
+from mobile_targets.tflite.gpu_ready import gpu_ready
+from pipeline.config import RunConfig
+from pipeline.processing import prepare_image
+
+
+@pytest.fixture(scope="module")
+def parts(our_model, photos):
+    """The export wrappers of the checkpoint's model: encoder, decoder, batched decoder (B = 4)."""
+    return build_parts(RunConfig(batch_prompts=4), our_model, photos)
+
+
+def test_gpu_ready_encoder_is_bit_exact(parts, photos):
+    encoder = parts[0].module
+    image = torch.from_numpy(prepare_image(photos.image(photos.image_ids()[9])).image)
+    with torch.no_grad():
+        assert torch.equal(gpu_ready(encoder)(image), encoder(image))
+
+
+def test_gpu_ready_decoders_are_bit_exact(parts):
+    for part in parts[1:]:
+        patched = gpu_ready(part.module)
+        for case in part.selftest:
+            inputs = [torch.from_numpy(case.inputs[name]) for name in part.contract.input_names]
+            with torch.no_grad():
+                expected, actual = part.module(*inputs), patched(*inputs)
+            assert all(torch.equal(a, b) for a, b in zip(expected, actual, strict=True)), (part.name, case.kind)
+
+
+@pytest.mark.slow
+def test_gpu_analyzer_names_the_ops_the_delegate_cannot_run(tmp_path):
+    """TensorFlow 2.16's analyzer (in its own environment) on a graph with a 2-D SLICE and the
+    index_select that litert-torch lowers to GATHER_ND (the compact bias gathers' form): both
+    named, with the op each warning belongs to."""
+    import litert_torch
+
+    from validation.compat.matrix import GPU_ANALYZER, GPU_ANALYZER_SCRIPT
+    from validation.compat.runtimes import environment_python, runtime_spec
+
+    class SliceAndGather(torch.nn.Module):
+        def forward(self, rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+            return rows[:1, :3].sum() + torch.index_select(table, 1, torch.tensor([2, 0, 1, 1]))
+
+    path = tmp_path / "slice_gather.tflite"
+    sample = (torch.randn(2, 5), torch.randn(2, 3, 4))
+    path.write_bytes(bytes(litert_torch.convert(SliceAndGather().eval(), sample).model_content()))
+    python = environment_python(runtime_spec(GPU_ANALYZER))
+    done = subprocess.run([str(python), str(GPU_ANALYZER_SCRIPT), str(path)], capture_output=True, text=True)
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert not result["compatible"] and result["version"] == "2.16.2"
+    assert any("SLICE" in issue and "2 dimensional" in issue for issue in result["issues"]), result
+    assert any(issue.startswith("Op#") and "GATHER_ND" in issue for issue in result["issues"]), result
