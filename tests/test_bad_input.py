@@ -31,7 +31,9 @@ from tests.conftest import tracked_copy
 from validation.run import ValidationSettings, validate_run
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = ValidationSettings(max_images=1, instances_per_image=1, latency_runs=1, warmup_runs=0, baselines=False)
+QUICK = ValidationSettings(
+    max_images=1, instances_per_image=1, latency_runs=1, warmup_runs=0, baselines=False, everything_points_per_side=0
+)
 
 
 def run_stage(stage: str, *argv: object, capsys, monkeypatch) -> tuple[int, str, str]:
@@ -245,8 +247,9 @@ def test_validate_isolates_every_failure(coreml_fp32, tmp_path, capsys, monkeypa
         artifacts=(record,),
     ).write(garbage.parent)
     status, _, stderr = run_stage(
-        "validation", "--out", out, "--max-images", 1, "--skip-baselines", capsys=capsys, monkeypatch=monkeypatch
-    )
+        "validation", "--out", out, "--max-images", 1, "--skip-baselines", "--everything-points-per-side", 2,
+        capsys=capsys, monkeypatch=monkeypatch,
+    )  # fmt: skip
     assert status == 1
     failed = [line for line in stderr.splitlines() if line.startswith("FAILED: ")]
     assert len(failed) == 5, stderr[-3000:]
@@ -301,7 +304,8 @@ def test_validate_own_photos_without_ground_truth(coreml_fp32, tmp_path, caplog)
 
 def test_clone_without_shared_runs_the_main_job(tmp_path):
     """The README's main job and validate on a copy of the project with no shared data folder beside it
-    (the batched decoder at B = 4: its default 64 rows cost the Core ML emulator minutes)."""
+    (the batched decoder at B = 4: its default 64 rows cost the Core ML emulator minutes; validate
+    --quick: one held-out photo and instance)."""
     clone = tracked_copy(tmp_path / "clone" / "project")
     environment = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(clone), "OMP_NUM_THREADS": "2"}
     convert = subprocess.run(
@@ -314,7 +318,7 @@ def test_clone_without_shared_runs_the_main_job(tmp_path):
         cwd=clone, env=environment, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     validate = subprocess.run(
-        [sys.executable, "-m", "validation", "--max-images", "1", "--skip-baselines"],
+        [sys.executable, "-m", "validation", "--quick"],
         cwd=clone, env=environment, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert validate.returncode == 0, validate.stderr[-3000:]

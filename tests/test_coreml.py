@@ -90,13 +90,13 @@ def test_packages_agree_with_pytorch_on_real_photos(coreml_run, our_model, photo
     reference = ReferencePredictor(our_model)
     deployed = Segmenter(decoder, encoder)  # the packages end to end, as an app runs them
     embedding_psnr, embedding_error, logit_psnr, logit_error, ious = [], [], [], [], []
-    for image_id in photos.image_ids()[9:11]:  # held-out photos
+    for image_id in photos.image_ids()[9:10]:  # a held-out photo (validate scores them all)
         image = photos.image(image_id)
         expected_embeddings = reference.set_image(image)
         embeddings = deployed.set_image(image)
         embedding_psnr.append(psnr_db(expected_embeddings, embeddings))
         embedding_error.append(max_abs_error(expected_embeddings, embeddings))
-        for full in example_prompts(photos, image_id, image.shape):
+        for full in example_prompts(photos, image_id, image.shape, count=3):
             point_only = type(full)(points=full.points, labels=full.labels, box=None)
             for prompt in (full, point_only):
                 expected = reference.predict(prompt, multimask_output=False)
