@@ -243,3 +243,24 @@ def test_files_outside_the_matrix_are_listed_with_the_reason(tmp_path):
     assert "Not in the matrix" in compat_html(report)
     write_report(tmp_path / "out", report)
     assert read_report(tmp_path / "out") == report  # compat.json reads back as the same typed record
+
+
+def test_gpu_delegate_findings_fail_only_the_gpu_files():
+    """An fp32 or fp16 `.tflite` with an op the GPU delegate cannot run fails the compat gate; an
+    int8 one is reported, not gated; an analyzer that could not be installed is said in its row
+    (as an uninstallable runtime build is), never a pass."""
+    from validation.compat.matrix import CompatReport, GpuDelegateCheck
+    from validation.compat.text import compat_markdown
+
+    def check(precision: str, verdict: str, issues: tuple[str, ...] = ()) -> GpuDelegateCheck:
+        return GpuDelegateCheck(
+            "tflite", f"image_encoder_{precision}.tflite", "image_encoder", precision, "tf", issues, verdict
+        )
+
+    gather = ("Op#41 GATHER_ND: Not supported op GATHER_ND",)
+    report = CompatReport((), (), gpu=(check("fp32", "all ops"), check("int8", "1 ops not", gather)))
+    assert report.gate_failures() == []
+    report = CompatReport((), (), gpu=(check("fp16", "1 ops not", gather), check("fp32", "unavailable: no pip")))
+    failures = report.gate_failures()
+    assert len(failures) == 1 and "image_encoder_fp16.tflite: 1 ops not" in failures[0] and "GATHER_ND" in failures[0]
+    assert "| unavailable: no pip |" in compat_markdown(report)

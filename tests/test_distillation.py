@@ -339,8 +339,8 @@ def test_student_checkpoint_goes_through_convert(uninterrupted, tmp_path):
         from mobile_sam import sam_model_registry  # upstream MobileSAM (mobilesam-mirror)
     upstream = sam_model_registry["vit_t"]()
     upstream.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True), strict=True)
-    config = RunConfig(checkpoint=checkpoint, precisions=("fp16",), out_dir=tmp_path, batch_prompts=0)
-    manifest = read_manifest(convert_target("coreml", config))
+    config = RunConfig(checkpoint=checkpoint, precisions=("fp32",), out_dir=tmp_path, batch_prompts=0)
+    manifest = read_manifest(convert_target("tflite", config))  # the quickest target to convert and gate
     assert len(manifest.artifacts) == 2 and manifest.weights.sha256 == source.sha256
 
 
