@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mobile_targets import check_target_options, get_target
-from mobile_targets.base import PartToConvert, Runner, Target
+from mobile_targets.base import PartToConvert, RepeatCallCache, Runner, Target
 from pipeline.checkpoints import WeightsSource, load_model
 from pipeline.config import RunConfig
 from pipeline.contract import decoder_contract, encoder_contract, file_stem
@@ -279,7 +279,7 @@ def convert_one(
         start = time.perf_counter()
         details.update(target.convert_part(part, precision, temporary))
         details["conversion_seconds"] = round(time.perf_counter() - start, 2)
-        runner = target.load_runner(temporary, part.contract)
+        runner = RepeatCallCache(target.load_runner(temporary, part.contract))  # the gate's photo opens the vectors
         details["gate"] = parity_gate(runner, part, precision, expected)
         details["selftest"] = {"file": vectors.name, **selftest_gate(runner, part, precision)}
         moves = {path: temporary}

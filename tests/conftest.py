@@ -175,6 +175,7 @@ LONGEST_GROUPS_FIRST = (
     "tflite_converted",
     "test_targets-executorch_coreml",
     "tests.test_coreml",
+    "tests.test_coreai",
     "coreml_fp32",
     "tests.test_bad_input",
     "tests.test_distillation",

@@ -207,3 +207,27 @@ def test_gate_values_are_type_checked():
         gates_from_config({"int8": {"mask_iou_mean": "high"}})
     with pytest.raises(ConfigError, match="finite number"):
         gates_from_config({"int8": {"mask_iou_mean": float("nan")}})
+
+
+def test_repeat_call_cache_runs_a_repeated_call_once():
+    """The convert stage's runner wrapper: the same inputs again are answered from the last call
+    (as copies); other inputs run the file."""
+    import numpy as np
+
+    from mobile_targets.base import RepeatCallCache, Runner
+    from pipeline.contract import encoder_contract
+
+    class Counting(Runner):
+        calls = 0
+
+        def run(self, inputs):
+            Counting.calls += 1
+            return {"image_embeddings": inputs["image"][:, :1] * 2}
+
+    cached = RepeatCallCache(Counting("none", encoder_contract()))
+    image = np.ones((1, 3, 4, 4), np.float32)
+    first, second = cached.run({"image": image}), cached.run({"image": image.copy()})
+    assert Counting.calls == 1 and np.array_equal(first["image_embeddings"], second["image_embeddings"])
+    assert first["image_embeddings"] is not second["image_embeddings"]
+    cached.run({"image": image * 3})
+    assert Counting.calls == 2

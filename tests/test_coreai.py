@@ -90,7 +90,6 @@ def test_fp16_decoder_keeps_the_point_encoding_fp32(our_model, photos, tmp_path)
     result = check_case(case, runner.run(case.inputs), selftest_tolerance(DEFAULT_GATES["fp16"], decoder.name))
     assert result.passed, result.misses
     assert result.mask_iou_min >= DEFAULT_GATES["fp16"].mask_iou_min
-    assert runner.run(case.inputs)["low_res_masks"] is not runner.run(case.inputs)["low_res_masks"]  # copies
 
 
 @pytest.mark.slow

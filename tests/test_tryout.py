@@ -20,14 +20,12 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from mobile_targets import load_artifact_runner
-from mobile_targets.convert import convert_target
-from pipeline.checkpoints import load_model
-from pipeline.config import RunConfig
 from pipeline.datasets import SAMPLE_DIR, list_images, load_rgb
 from pipeline.manifest import read_manifest
 from pipeline.metrics import mask_iou
 from pipeline.predictor import ReferencePredictor, Segmenter
 from pipeline.processing import Prompt
+from tests.artifact_surgery import keep_only_precisions
 
 pytest.importorskip("gradio", reason="the tryout extra (gradio) is part of the test extra")
 playwright = pytest.importorskip("playwright.sync_api")
@@ -38,10 +36,12 @@ STOP_SECONDS = 20
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> Path:
-    """TFLite fp32 files of random weights seed 0 (what a user's first convert makes, one target)."""
+def converted(tmp_path_factory, tflite_converted) -> Path:
+    """A copy of the session's TFLite files of the checkpoint, as if converted with --precisions
+    fp32 (one target, what a user's first convert makes); the last test damages a file."""
     out = tmp_path_factory.mktemp("tryout")
-    convert_target("tflite", RunConfig(precisions=("fp32",), out_dir=out, batch_prompts=0))
+    shutil.copytree(tflite_converted.parent, out / "tflite")
+    keep_only_precisions(out / "tflite" / "manifest.json", ("fp32",))
     return out
 
 
@@ -113,14 +113,13 @@ def _click_photo(page, fx: float, fy: float, previous: str = "") -> dict:
 
 def _same_mask(shown: np.ndarray, expected) -> bool:
     """The page's mask is the API's: pixel for pixel, except where the API's own logit is within
-    float rounding of the 0 threshold (random weights put many logits there; two processes'
-    runtimes may round the last bit differently)."""
+    float rounding of the 0 threshold (two processes' runtimes may round the last bit differently)."""
     logits = expected.mask_logits[expected.selected]
     differing = shown != expected.mask
     return shown.shape == expected.mask.shape and bool(np.all(np.abs(logits[differing]) < 1e-3))
 
 
-def test_a_click_shows_the_files_mask_as_the_python_api_gives_it(server, browser, converted):
+def test_a_click_shows_the_files_mask_as_the_python_api_gives_it(server, browser, converted, our_model):
     from validation.tryout.engine import fit_photo, mask_digest
 
     page, outside = _open(browser, server)
@@ -142,7 +141,7 @@ def test_a_click_shows_the_files_mask_as_the_python_api_gives_it(server, browser
     shown = mask_utils.decode(details["file_mask_rle"]).astype(bool)
     assert details["selected_output"] == expected.selected
     assert _same_mask(shown, expected), details["file_mask_sha256"]
-    reference = ReferencePredictor(load_model("vit_t", None, 0)[0])
+    reference = ReferencePredictor(our_model)  # the checkpoint the files came from
     reference.set_image(photo)
     pytorch = reference.predict(prompt)
     if details["pytorch_mask_sha256"] != mask_digest(pytorch.mask):  # only pixels at the 0 boundary may flip

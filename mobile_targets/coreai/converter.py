@@ -120,7 +120,6 @@ class CoreAIRunner(Runner):
         from coreai.authoring.asset import AIModelAsset
 
         self._context = None
-        self._last: tuple[str, dict[str, np.ndarray]] | None = None
         try:
             asset = AIModelAsset.load(self.path)
             self._context = asset.executable()
@@ -131,19 +130,12 @@ class CoreAIRunner(Runner):
             raise ArtifactError(f"{self.path} is not a loadable Core AI asset: {first}") from None
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The function's outputs; a call with the inputs of the previous one returns its outputs
-        again (copies) without running: the convert stage's gate and self-test check run the same
-        photo, and Linux's emulated fp16 takes minutes a call."""
         from coreai.runtime import NDArray
 
         ordered = self.ordered_inputs(inputs)
-        key = hashlib.sha256(b"".join(array.tobytes() for array in ordered)).hexdigest()
-        if self._last is None or self._last[0] != key:
-            arrays = {name: NDArray(array) for name, array in zip(self.contract.input_names, ordered, strict=True)}
-            outputs = _run_sync(self._function(arrays))
-            result = {name: np.array(outputs[name].numpy(), dtype=np.float32) for name in self.contract.output_names}
-            self._last = (key, result)
-        return {name: value.copy() for name, value in self._last[1].items()}
+        arrays = {name: NDArray(array) for name, array in zip(self.contract.input_names, ordered, strict=True)}
+        outputs = _run_sync(self._function(arrays))
+        return {name: np.array(outputs[name].numpy(), dtype=np.float32) for name in self.contract.output_names}
 
 
 def check_asset(path: Path) -> None:
