@@ -3,13 +3,21 @@ project ships (a user's clone has them; nothing beside the repository is needed)
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
-import pytest
-import torch
+SHARED_CORES = {"OMP_WAIT_POLICY": "PASSIVE"}
+"""The suite's two workers (and the processes they start) share the machine's cores: OpenMP's
+default policy keeps each idle PyTorch thread spinning on a core the other worker needs, which
+slows concurrent PyTorch work on few cores. Set before torch is imported."""
+for _name, _value in SHARED_CORES.items():
+    os.environ.setdefault(_name, _value)
 
-from pipeline.datasets import CocoPhotos
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.datasets import CocoPhotos  # noqa: E402
 
 
 def perturb_state_dict(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -76,6 +84,13 @@ def tracked_copy(clone: Path) -> Path:
             shutil.copy2(REPO / name, clone / name)
     assert not (clone.parent / "shared").exists()
     return clone
+
+
+def clone_environment(clone: Path, home: Path) -> dict[str, str]:
+    """What a process on a user's clone sees: the clone on the path, nothing of this environment's
+    variables but the system PATH, two threads that do not spin on the other worker's core."""
+    system = {"PATH": "/usr/bin:/bin", "HOME": str(home), "PYTHONPATH": str(clone)}
+    return {**system, "OMP_NUM_THREADS": "2", **SHARED_CORES}
 
 
 class ShippedPhotos:

@@ -27,7 +27,7 @@ from pipeline.files import sha256_file
 from pipeline.locking import LOCK_NAME
 from pipeline.manifest import ArtifactRecord, Manifest, read_manifest
 from tests.artifact_surgery import rehash, set_coreml_weights
-from tests.conftest import tracked_copy
+from tests.conftest import clone_environment, tracked_copy
 from validation.run import ValidationSettings, validate_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -307,7 +307,7 @@ def test_clone_without_shared_runs_the_main_job(tmp_path):
     (the batched decoder at B = 4: its default 64 rows cost the Core ML emulator minutes; validate
     --quick: one held-out photo and instance)."""
     clone = tracked_copy(tmp_path / "clone" / "project")
-    environment = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(clone), "OMP_NUM_THREADS": "2"}
+    environment = clone_environment(clone, home=tmp_path)
     convert = subprocess.run(
         [sys.executable, "-m", "mobile_targets", "coreml", "--precisions", "fp32", "--batch-prompts", "4"],
         cwd=clone, env=environment, capture_output=True, text=True, timeout=900,
@@ -343,7 +343,7 @@ cores, and each would fail if anything beside the repository were needed."""
 def test_clone_without_shared_passes_a_quick_selection_of_the_suite(tmp_path):
     """The test suite on a copy of the project alone (no shared data folder): its photos ship with it."""
     clone = tracked_copy(tmp_path / "clone" / "project")
-    environment = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(clone), "OMP_NUM_THREADS": "2"}
+    environment = clone_environment(clone, home=tmp_path)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *QUICK_SELECTION],
         cwd=clone, env=environment, capture_output=True, text=True, timeout=1200,
