@@ -39,6 +39,10 @@ class PartToConvert:
     calibration: Callable[[], tuple[dict[str, np.ndarray], ...]] | None = None
     """Inputs from several real photos and prompts, by contract name, made on demand: only static
     activation quantization (the w8a8 files) reads them."""
+    fp32_ops: frozenset[str] = frozenset()
+    """Nodes of `pipeline.export_wrappers.exported_program(module, example_inputs)` a file that
+    computes in fp16 keeps in fp32 (their fp16 headroom is under the margin: pipeline.fp16_range);
+    set by the convert stage for targets with `keeps_ops_fp32`."""
     optional: bool = False
     """A precision whose file misses its gate is left out (`not_made`), not a failed conversion: the
     batched decoder ships in the precisions that hold (e.g. dynamic int8 quantizes activations over
@@ -118,6 +122,12 @@ class Target(ABC):
     extension: str
     precisions: tuple[str, ...]
     runtime_name: str
+    fp16_precisions: tuple[str, ...] = ()
+    """Precisions whose files compute in fp16 on the device: the convert stage checks their fp16
+    headroom first (pipeline.fp16_range)."""
+    keeps_ops_fp32: bool = False
+    """Whether convert_part honours `PartToConvert.fp32_ops` (else an op under the fp16 margin
+    stops the conversion)."""
 
     @abstractmethod
     def convert_part(self, part: PartToConvert, precision: str, path: Path) -> dict[str, Any]:

@@ -26,8 +26,10 @@ from pipeline.checkpoints import WeightsSource, load_model
 from pipeline.config import RunConfig
 from pipeline.contract import decoder_contract, encoder_contract, file_stem
 from pipeline.datasets import CocoPhotos, Photos
-from pipeline.errors import ArtifactError, ConfigError, one_line
+from pipeline.errors import ArtifactError, ConfigError, PipelineError, one_line
+from pipeline.export_wrappers import exported_program
 from pipeline.files import atomic_write_bytes, commit_files, recover_interrupted, sha256_file, staged_output
+from pipeline.fp16_range import Fp16Headroom, measure_fp16_headroom, with_readers
 from pipeline.gates import DEFAULT_GATES, selftest_tolerance
 from pipeline.locking import LOCK_NAME, folder_lock
 from pipeline.manifest import (
@@ -268,12 +270,19 @@ def selftest_gate(runner: Runner, part: PartToConvert, precision: str) -> dict[s
 
 
 def convert_one(
-    target: Target, part: PartToConvert, precision: str, path: Path, expected: dict[str, np.ndarray], commit: Commit
+    target: Target,
+    part: PartToConvert,
+    precision: str,
+    path: Path,
+    expected: dict[str, np.ndarray],
+    commit: Commit,
+    recorded: dict[str, Any] | None = None,
 ) -> dict:
     """Convert, gate against `expected` (`pytorch_outputs`) and self-test into hidden staged files
     beside `path`; then `commit` places the file, its vectors and companions and records them,
-    all together (`commit_files`: a failure on the way, a full disk, leaves the earlier ones)."""
-    details: dict = {}
+    all together (`commit_files`: a failure on the way, a full disk, leaves the earlier ones).
+    `recorded`: what was measured before converting, for the manifest."""
+    details: dict = dict(recorded or {})
     vectors = selftest_path(path)
     with staged_output(path) as temporary:
         start = time.perf_counter()
@@ -297,6 +306,36 @@ def convert_one(
         del runner  # the runtime may map the staged file; it is renamed next
         commit(path, temporary, details, moves)
     return details
+
+
+class Fp16Overflow(PipelineError):
+    """A file that would compute in fp16 has ops under the fp16 margin, and its format cannot keep them in fp32."""
+
+
+def fp16_ranges(part: PartToConvert) -> tuple[Fp16Headroom, Any]:
+    """The part's fp16 headroom on its calibration inputs (the example input when it has none), and
+    the exported program whose node names it gives."""
+    program = exported_program(part.module, part.example_inputs)
+    if part.calibration is not None:
+        samples = part.calibration()
+    else:
+        samples = (dict(zip(part.contract.input_names, (t.numpy() for t in part.example_inputs), strict=True)),)
+    return measure_fp16_headroom(program, part.contract.input_names, samples), program
+
+
+def within_fp16_range(
+    target: Target, part: PartToConvert, precision: str, headroom: Fp16Headroom, program: Any
+) -> tuple[PartToConvert, Fp16Headroom]:
+    """The part to convert in `precision` (which computes in fp16) and its headroom record: as it
+    is when every op holds the margin; else with the ops under it, and the ops that read them,
+    kept in fp32 (`target.keeps_ops_fp32`); else Fp16Overflow naming the tightest op."""
+    if headroom.holds:
+        return part, headroom
+    if not target.keeps_ops_fp32:
+        raise Fp16Overflow(headroom.overflow_message(part.name, precision))
+    kept = with_readers(program, (layer.node for layer in headroom.below_margin))
+    log.warning("%s %s: %d op(s) kept in fp32 for fp16 headroom: %s", part.name, precision, len(kept), sorted(kept))
+    return replace(part, fp32_ops=kept), headroom.model_copy(update={"kept_fp32": tuple(sorted(kept))})
 
 
 Commit = Callable[[Path, Path, dict, dict[Path, Path]], None]
@@ -446,7 +485,7 @@ def convert_target(target_name: str, config: RunConfig, photos: Photos | None = 
         photos = photos or CocoPhotos.sample("calibration")
         parts = build_parts(config, sam, photos)
         parts = [replace(part, weights_description=weights.describe()) for part in parts]
-        return _convert_parts(target, config, parts, precisions, weights, out)
+        return convert_parts(target, config, parts, precisions, weights, out)
 
 
 def _recorded_in(out: Path) -> dict[str, str]:
@@ -457,7 +496,7 @@ def _recorded_in(out: Path) -> dict[str, str]:
         return {}
 
 
-def _convert_parts(
+def convert_parts(
     target: Target,
     config: RunConfig,
     parts: list[PartToConvert],
@@ -469,6 +508,7 @@ def _convert_parts(
     keeper = ManifestKeeper(out, target, weights, config)
     for part in parts:
         expected = None  # PyTorch's answer, the same for every precision of the part
+        ranges = None  # its fp16 headroom, measured once for every precision that computes in fp16
         for precision in precisions:
             path = out / f"{file_stem(part.contract)}_{precision}{target.extension}"
             log.info("converting %s to %s %s", part.name, target.name, precision)
@@ -490,7 +530,11 @@ def _convert_parts(
 
             try:
                 expected = pytorch_outputs(part) if expected is None else expected
-                details = convert_one(target, part, precision, path, expected, commit)
+                converted, recorded = part, {}
+                if precision in target.fp16_precisions:
+                    ranges = ranges or fp16_ranges(part)
+                    converted, recorded["fp16_headroom"] = within_fp16_range(target, part, precision, *ranges)
+                details = convert_one(target, converted, precision, path, expected, commit, recorded)
             except Exception as error:  # any converter failure: keep going, keep the earlier file
                 message = one_line(error)
                 if (part.optional or precision in MADE_WHERE_GATE_HOLDS) and isinstance(error, GateMiss):

@@ -119,6 +119,7 @@ class ExecuTorchCoreMLTarget(Target):
     name = "executorch_coreml"
     extension = ".pte"
     precisions = ("fp32", "fp16")
+    fp16_precisions = ("fp16",)
 
     @property
     def runtime_name(self) -> str:  # type: ignore[override]

@@ -8,6 +8,7 @@ attention, so a prompt padded to N slots gives exactly SamPredictor's answer.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from segment_anything.modeling import Sam
@@ -18,9 +19,10 @@ from torch import nn
 
 from pipeline.contract import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD, PointLabel
 
-MASKED_LOGIT = -1.0e4
+MASKED_LOGIT = -1.0e3
 """Added to attention logits of masked keys: exp() of it is exactly 0 in fp32 and fp16, and it
-stays finite (no -inf arithmetic, which some converters and fp16 kernels mishandle)."""
+stays finite (no -inf arithmetic, which some converters and fp16 kernels mishandle) and far from
+fp16's limit, so the fp16 headroom of the ops that add it is the logits' own (pipeline.fp16_range)."""
 
 # Plain ints: torch.export's tracer does not compare tensors with IntEnum members.
 _PADDING = int(PointLabel.PADDING)
@@ -268,3 +270,15 @@ class PromptDecoderForExport(nn.Module):
         low_res_masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
         iou_predictions = decoder.iou_prediction_head(iou_token_out)
         return low_res_masks, iou_predictions
+
+
+def exported_program(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Any:
+    """torch.export (strict), then `run_decompositions({})` to the ATen dialect: the program Core ML
+    converts, so its node names are the names of Core ML's ops.
+
+    Why the decompositions: coremltools 9.0 refuses torch 2.13's exported programs as they come
+    ("NotImplementedError: Conversion for models with only ATEN or EDGE dialect is supported/tested.
+    Provided Dialect: TRAINING. Run '.run_decompositions({})' on your exported PyTorch Model prior to
+    conversion.").
+    """
+    return torch.export.export(module, example_inputs, strict=True).run_decompositions({})

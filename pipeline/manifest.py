@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, c
 from pipeline.contract import DEFAULT_BATCH_PROMPTS, PartContract, contract_for
 from pipeline.errors import ArtifactError
 from pipeline.files import atomic_write_json, sha256_file, size_bytes
+from pipeline.fp16_range import Fp16Headroom
 from pipeline.records import describe_validation_error, read_json
 
 MANIFEST_NAME = "manifest.json"
@@ -108,6 +109,8 @@ class ArtifactDetails(_OpenRecord):
     """Where a compat run proved the file (`pass`), and where it was refused or wrong."""
     arithmetic: str | None = None
     minimum_deployment_target: str | None = None
+    fp16_headroom: Fp16Headroom | None = None
+    """For a file that computes in fp16: its tightest ops on the calibration photos, and those kept fp32."""
 
 
 class ArtifactRecord(_Record):

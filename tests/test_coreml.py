@@ -255,7 +255,7 @@ def test_w8a8_keeps_the_encoder_trunk_layers_float(tmp_path):
 
     from mobile_targets.base import PartToConvert
     from mobile_targets.coreml.activation_quantization import module_path, module_paths
-    from mobile_targets.coreml.converter import exported_program
+    from pipeline.export_wrappers import exported_program
     from pipeline.model import MobileSamTinyViT
 
     torch.manual_seed(0)

@@ -23,11 +23,14 @@ from validation.text_report import (
     CROSSCHECK_HEADER,
     CROSSCHECK_NOTE,
     EVERYTHING_HEADER,
+    HEADROOM_HEADER,
+    HEADROOM_NOTE,
     KIND_HEADER,
     SUMMARY_HEADER,
     best_pairs_by_budget,
     crosscheck_rows,
     everything_rows,
+    headroom_rows,
     kind_rows,
     pair_matrix,
     summary_rows,
@@ -222,6 +225,13 @@ def write_html(
             "<h2>Core ML emulator against Core AI (Apple's runtime)</h2>",
             f"<p>{html.escape(CROSSCHECK_NOTE)}</p>",
             _html_table(CROSSCHECK_HEADER, rows, ["fail" if row[-1] != "agree" else "" for row in rows]),
+        ]
+    headroom = headroom_rows(report)
+    if headroom:
+        sections += [
+            "<h2>fp16 headroom (files that compute in fp16)</h2>",
+            f"<p>{html.escape(HEADROOM_NOTE)}</p>",
+            _html_table(HEADROOM_HEADER, headroom),
         ]
     sections += ["<h2>Per prompt kind</h2>", _html_table(KIND_HEADER, kind_rows(report))]
     if extra_html:

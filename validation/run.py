@@ -59,6 +59,7 @@ from validation.schema import (
     Baselines,
     ComputeFloor,
     EverythingResult,
+    Fp16HeadroomResult,
     GateResult,
     Latency,
     Memory,
@@ -124,6 +125,7 @@ def validate_artifact(
         precision=record.precision,
         file=str(Path(manifest_path).parent / record.file),
         bytes=record.bytes,
+        fp16_headroom=Fp16HeadroomResult.of(record.details.fp16_headroom),
     )
     loaded = LoadedArtifact(record, result)
     reason = get_target(record.target).selftest_only(record.part, record.precision)

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.fp16_range import Fp16Headroom
 from pipeline.provenance import describe_machine, now
 
 REPORT_SCHEMA_VERSION = 2
@@ -116,6 +117,40 @@ def min_logits_psnr(kinds: dict[str, KindScores] | None) -> float:
     return nan_min([k.logits_psnr_db_min for k in kinds.values()]) if kinds else float("nan")
 
 
+@dataclass(frozen=True)
+class HeadroomRow:
+    """One op of a file that computes in fp16: its largest |output| on the calibration photos."""
+
+    op: str
+    """The ATen op and the module it runs in."""
+    max_abs: float
+    headroom: float
+    """How many times max_abs fits under fp16's largest value."""
+
+
+@dataclass(frozen=True)
+class Fp16HeadroomResult:
+    """What the conversion measured for a file that computes in fp16 (the manifest's `fp16_headroom`)."""
+
+    margin: float
+    tightest: tuple[HeadroomRow, ...]
+    under_margin: int
+    kept_fp32: int
+    """Ops the file computes in fp32 for headroom (under the margin, and the ops that read them)."""
+
+    @classmethod
+    def of(cls, measured: Fp16Headroom | None) -> Fp16HeadroomResult | None:
+        if measured is None:
+            return None
+        rows = tuple(
+            HeadroomRow(
+                op=f"{layer.op} in {layer.module or 'the top level'}", max_abs=layer.max_abs, headroom=layer.headroom
+            )
+            for layer in measured.tightest
+        )
+        return cls(measured.margin, rows, len(measured.below_margin), len(measured.kept_fp32))
+
+
 @dataclass
 class ArtifactResult:
     target: str
@@ -133,6 +168,7 @@ class ArtifactResult:
     gate: GateResult | None = None
     selftest_only: SelftestScores | None = None
     """Set when the file was scored on its self-test vectors only (`encoder`/`decoder` stay None)."""
+    fp16_headroom: Fp16HeadroomResult | None = None
 
     @property
     def name(self) -> str:

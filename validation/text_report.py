@@ -238,12 +238,45 @@ def summary_markdown(report: Report) -> str:
         lines += ["", "## Core ML emulator against Core AI (Apple's runtime)", ""]
         lines += [CROSSCHECK_NOTE, ""]
         lines += _table(CROSSCHECK_HEADER, crosscheck_rows(report))
+    headroom = headroom_rows(report)
+    if headroom:
+        lines += ["", "## fp16 headroom (files that compute in fp16)", "", HEADROOM_NOTE, ""]
+        lines += _table(HEADROOM_HEADER, headroom)
     lines += ["", "## Per prompt kind", "", *_table(KIND_HEADER, kind_rows(report))]
     if report.seconds:
         total = sum(report.seconds.values())
         lines += ["", f"## Where the time went ({total / 60:.1f} min)", ""]
         lines += _table(("section", "s"), [[name, f"{s:.0f}"] for name, s in report.seconds.items()])
     return "\n".join(lines)
+
+
+HEADROOM_HEADER = ("file", "tightest op", "largest |x|", "headroom", "ops under the margin", "kept in fp32")
+HEADROOM_NOTE = (
+    "Each op's largest output on the calibration photos, in fp32 PyTorch, against fp16's largest value "
+    "(65504): headroom is how many times it fits. An op under the margin is kept in fp32 (Core ML) or "
+    "stops the conversion; pipeline/fp16_range.py says why."
+)
+
+
+def headroom_rows(report: Report) -> list[list[str]]:
+    rows = []
+    for run in report.runs:
+        for artifact in run.artifacts:
+            measured = artifact.fp16_headroom
+            if measured is None or not measured.tightest:
+                continue
+            top = measured.tightest[0]
+            rows.append(
+                [
+                    artifact.name,
+                    top.op,
+                    f"{top.max_abs:.4g}",
+                    f"{top.headroom:.1f}x (margin {measured.margin:g}x)",
+                    str(measured.under_margin),
+                    str(measured.kept_fp32),
+                ]
+            )
+    return rows
 
 
 CROSSCHECK_HEADER = ("part", "precision", "on", "Core ML (emulator)", "Core AI (Apple's runtime)", "between", "verdict")

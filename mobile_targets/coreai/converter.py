@@ -157,6 +157,7 @@ class CoreAITarget(Target):
     name = "coreai"
     extension = ".aimodel"
     precisions = ("fp32", "fp16", "int8")
+    fp16_precisions = ("fp16",)  # int8 stores int8 weights over the fp32 program
     runtime_name = "coreai.runtime (Apple's Core AI runtime; on Linux its own Linux build)"
 
     def convert_part(self, part: PartToConvert, precision: str, path: Path) -> dict[str, Any]:

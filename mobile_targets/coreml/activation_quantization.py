@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ import numpy as np
 
 from mobile_targets.coreml.emulator import MilProgram
 from pipeline.errors import PipelineError
+from pipeline.fp16_range import module_of
 
 MINIMUM_DEPLOYMENT_TARGETS = ("iOS17", "iOS18")
 """quantize / dequantize ops are iOS17 ops."""
@@ -145,23 +146,23 @@ class ActivationPlan:
 def module_paths(program: Any) -> dict[str, str]:
     """FX node name -> innermost module path, from a torch.export program.
 
-    coremltools names each MIL op after the node it came from (plus `_cast_fp16` once fp16), so
-    this is how a MIL op finds its module: a convolution fused with its BatchNorm carries the
-    BatchNorm node's name, which sits in the same parent module."""
-    paths = {}
-    for node in program.graph.nodes:
-        stack = node.meta.get("nn_module_stack")
-        if stack:
-            paths[node.name] = next(reversed(stack.values()))[0]
-    return paths
+    coremltools names each MIL op after the node it came from (`exported_node`), so this is how a
+    MIL op finds its module: a convolution fused with its BatchNorm carries the BatchNorm node's
+    name, which sits in the same parent module."""
+    return {node.name: module_of(node) for node in program.graph.nodes if node.meta.get("nn_module_stack")}
+
+
+def exported_node(op_name: str, nodes: Container[str]) -> str:
+    """The exported node (one of `nodes`) a MIL op came from: the op's name without `_cast_fp16`
+    (added once fp16), and without the `_0` coremltools appends to a node named like its op type
+    (the first `linear` node becomes `linear_0`)."""
+    name = op_name.removesuffix("_cast_fp16")
+    return name if name in nodes else name.removesuffix("_0")
 
 
 def module_path(op_name: str, paths: Mapping[str, str]) -> str:
-    """The module path of a MIL op ("" when none): its node's name is the op's without
-    `_cast_fp16`, and without the `_0` coremltools appends to a node named like its op type
-    (the first `linear` node becomes `linear_0`)."""
-    name = op_name.removesuffix("_cast_fp16")
-    return paths.get(name) or paths.get(name.removesuffix("_0"), "")
+    """The module path of a MIL op ("" when none)."""
+    return paths.get(exported_node(op_name, paths), "")
 
 
 def activation_plan(model: Any, paths: Mapping[str, str]) -> ActivationPlan:

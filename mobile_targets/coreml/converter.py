@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 from mobile_targets.base import PartToConvert, Runner, Target, replace_options
 from mobile_targets.coreml.activation_quantization import (
     activation_plan,
+    exported_node,
     module_paths,
     quantize_activations_and_weights,
 )
@@ -43,6 +45,7 @@ from pipeline.contract import (
     PartContract,
 )
 from pipeline.errors import ArtifactError, ConfigError, PipelineError
+from pipeline.export_wrappers import exported_program
 from pipeline.threads import torch_threads
 
 DEPLOYMENT_TARGETS = ("iOS16", "iOS17", "iOS18")
@@ -127,16 +130,6 @@ def image_input(module: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
         bias=[-value for value in PIXEL_MEAN],
     )
     return MeanSubtractedImageEncoder(module).eval(), image_type
-
-
-def exported_program(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Any:
-    """torch.export, then `run_decompositions({})` to the ATen dialect.
-
-    Why: coremltools 9.0 refuses torch 2.13's exported programs as they come ("NotImplementedError:
-    Conversion for models with only ATEN or EDGE dialect is supported/tested. Provided Dialect:
-    TRAINING. Run '.run_decompositions({})' on your exported PyTorch Model prior to conversion.").
-    """
-    return torch.export.export(module, example_inputs, strict=True).run_decompositions({})
 
 
 def keep_point_encoding_fp32(op: Any) -> bool:
@@ -350,6 +343,8 @@ class CoreMLTarget(Target):
     name = "coreml"
     extension = ".mlpackage"
     precisions = ("fp16", "fp32", "int8", "palettize6", "w8a8")
+    fp16_precisions = ("fp16", "int8", "palettize6", "w8a8")  # compressed weights, fp16 compute
+    keeps_ops_fp32 = True
 
     def __init__(self, options: CoreMLOptions | None = None) -> None:
         self.options = options or CoreMLOptions()
@@ -374,11 +369,15 @@ class CoreMLTarget(Target):
         if image_typed:
             module, inputs[0] = image_input(module)
         program = exported_program(module, part.example_inputs)
+        if part.fp32_ops and image_typed:
+            raise PipelineError(
+                f"{part.name} {precision}: keeping ops in fp32 (fp16 headroom) needs encoder_input=tensor"
+            )
         compute_precision = (
             ct.precision.FLOAT32
             if precision == "fp32"
             else ct.transform.FP16ComputePrecision(
-                op_selector=keep_point_encoding_fp32 if self.options.fp32_point_encoding else lambda op: True
+                op_selector=partial(self._computes_in_fp16, part.fp32_ops, {node.name for node in program.graph.nodes})
             )
         )
         model = ct.convert(
@@ -410,6 +409,13 @@ class CoreMLTarget(Target):
             "minimum_deployment_target": self.options.minimum_deployment_target,
             "encoder_input": "image (RGB ImageType, bias -mean)" if image_typed else "tensor",
         }
+
+    def _computes_in_fp16(self, fp32_ops: frozenset[str], nodes: set[str], op: Any) -> bool:
+        """FP16ComputePrecision's op selector: every op but the point encoding's (unless the option
+        is off) and the exported nodes the fp16 headroom keeps in fp32."""
+        if self.options.fp32_point_encoding and not keep_point_encoding_fp32(op):
+            return False
+        return exported_node(op.name, nodes) not in fp32_ops
 
     def load_runner(self, path: Path, contract: PartContract, threads: int | None = None) -> Runner:
         if sys.platform == "darwin":  # pragma: no cover - needs macOS

@@ -349,6 +349,7 @@ class TFLiteTarget(Target):
     name = "tflite"
     extension = ".tflite"
     precisions = ("fp32", "fp16", "int8", "w8a8")
+    fp16_precisions = ("fp16",)  # the GPU delegate's file; XNNPACK can run it in fp16 too
     runtime_name = "ai_edge_litert Interpreter (XNNPACK); fp16-arithmetic files: CompiledModel, XNNPACK forced to fp16"
 
     def __init__(self, options: TFLiteOptions | None = None) -> None:
