@@ -133,6 +133,11 @@ class Target(ABC):
     def convert_part(self, part: PartToConvert, precision: str, path: Path) -> dict[str, Any]:
         """Write `part` in `precision` to `path`; return details for the manifest."""
 
+    def module_to_export(self, part: PartToConvert, precision: str) -> torch.nn.Module:
+        """The graph `convert_part` exports for `part` in `precision`, with the target's own patches:
+        the convert stage measures fp16 headroom on it, so `PartToConvert.fp32_ops` name its nodes."""
+        return part.module
+
     @abstractmethod
     def load_runner(self, path: Path, contract: PartContract, threads: int | None = None) -> Runner:
         """Load a converted file in this target's real runtime; one-line ArtifactError if unreadable."""

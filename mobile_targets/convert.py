@@ -312,10 +312,11 @@ class Fp16Overflow(PipelineError):
     """A file that would compute in fp16 has ops under the fp16 margin, and its format cannot keep them in fp32."""
 
 
-def fp16_ranges(part: PartToConvert) -> tuple[Fp16Headroom, Any]:
-    """The part's fp16 headroom on its calibration inputs (the example input when it has none), and
-    the exported program whose node names it gives."""
-    program = exported_program(part.module, part.example_inputs)
+def fp16_ranges(part: PartToConvert, module: torch.nn.Module | None = None) -> tuple[Fp16Headroom, Any]:
+    """The fp16 headroom of `module` (the part's own by default; the graph a target exports) on the
+    part's calibration inputs (the example input when it has none), and the exported program whose
+    node names it gives."""
+    program = exported_program(part.module if module is None else module, part.example_inputs)
     if part.calibration is not None:
         samples = part.calibration()
     else:
@@ -531,8 +532,8 @@ def convert_parts(
             try:
                 expected = pytorch_outputs(part) if expected is None else expected
                 converted, recorded = part, {}
-                if precision in target.fp16_precisions:
-                    ranges = ranges or fp16_ranges(part)
+                if precision in target.fp16_precisions:  # a target exports one graph for all of them
+                    ranges = ranges or fp16_ranges(part, target.module_to_export(part, precision))
                     converted, recorded["fp16_headroom"] = within_fp16_range(target, part, precision, *ranges)
                 details = convert_one(target, converted, precision, path, expected, commit, recorded)
             except Exception as error:  # any converter failure: keep going, keep the earlier file

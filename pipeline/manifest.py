@@ -97,6 +97,22 @@ class CompanionRecord(_OpenRecord):
     sha256: str | None = None
 
 
+class NeuralEngineCensus(_Record):
+    """A Core ML package's ops against the rules of what the Neural Engine is known not to run
+    (mobile_targets/coreml/neural_engine.py)."""
+
+    ops: int
+    outside: dict[str, int] = Field(default_factory=dict)
+    """Rule -> how many ops it matches (rules that match none are left out)."""
+    examples: dict[str, list[str]] = Field(default_factory=dict)
+    sources: dict[str, str] = Field(default_factory=dict)
+    """Rule -> what its public source says, and where."""
+
+    @property
+    def outside_total(self) -> int:
+        return sum(self.outside.values())
+
+
 class ArtifactDetails(_OpenRecord):
     """What the conversion measured and wrote beside the file; targets add keys of their own."""
 
@@ -110,6 +126,7 @@ class ArtifactDetails(_OpenRecord):
     arithmetic: str | None = None
     minimum_deployment_target: str | None = None
     fp16_headroom: Fp16Headroom | None = None
+    neural_engine: NeuralEngineCensus | None = None
     """For a file that computes in fp16: its tightest ops on the calibration photos, and those kept fp32."""
 
 

@@ -77,6 +77,26 @@ def test_manifest_lists_packages_with_metadata(coreml_run):
         assert sizes[part, "palettize6"] < sizes[part, "int8"] < sizes[part, "fp16"] < sizes[part, "fp32"]
 
 
+def test_packages_list_the_ops_the_neural_engine_is_known_not_to_run(coreml_run):
+    """Every package's census (mobile_targets/coreml/neural_engine.py) is in the manifest: no encoder
+    has a gather left (its biases are one-hot products), an fp16 encoder has no fp32 op, an fp16
+    decoder only its fp32 point encoding, and every op of an fp32 package is an fp32 op."""
+    _, manifest = coreml_run
+    for record in manifest.artifacts:
+        census = record.details.neural_engine
+        assert census.ops > 50 and set(census.sources) >= {"gather", "fp32 compute"}, record.file
+        print(f"{record.file}: {census.ops} ops, outside the Neural Engine's rules: {census.outside}")
+        if record.part == "image_encoder":
+            assert "gather" not in census.outside, census.examples
+        fp32_ops = census.outside.get("fp32 compute", 0)
+        if record.precision == "fp32":
+            assert fp32_ops > 0.8 * census.ops
+        elif record.part == "image_encoder" and record.precision != "w8a8":
+            assert fp32_ops == 0, census.examples
+        elif record.part == "prompt_decoder":
+            assert 0 < fp32_ops < 0.1 * census.ops, census.examples  # the point encoding, kept fp32
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_packages_agree_with_pytorch_on_real_photos(coreml_run, our_model, photos, precision):
     gate = DEFAULT_GATES[precision]
@@ -279,7 +299,7 @@ def test_w8a8_keeps_the_encoder_trunk_layers_float(tmp_path):
     program = MilProgram(tmp_path / "small_w8a8.mlpackage")
     reading_int8 = {name for op in _ops_reading_int8(program) for name, _ in op.outputs}
     layers = {name for op in program.operations if op.type in ("conv", "linear") for name, _ in op.outputs}
-    paths = module_paths(exported_program(part.module, part.example_inputs))
+    paths = module_paths(exported_program(get_target("coreml").module_to_export(part, "w8a8"), part.example_inputs))
     assert all(module_path(name, paths) for name in layers)  # every layer found its module
     kept_float = sorted(module_path(name, paths).removeprefix("image_encoder.") for name in layers - reading_int8)
     blocks = ((1, 0), (2, 0), (2, 1), (3, 0))
@@ -307,3 +327,37 @@ def _constant_op_types(package) -> set[str]:
     spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
     main = spec.mlProgram.functions["main"]
     return {op.type for op in main.block_specializations[main.opset].operations}
+
+
+def test_neural_engine_rules_each_find_their_op(tmp_path):
+    """A small package with one gather, one dilated convolution and one op kept in fp32: each rule
+    counts its own op, and the census says where each rule comes from."""
+    import torch
+
+    from mobile_targets.coreml.neural_engine import RULES, neural_engine_census
+    from pipeline.export_wrappers import exported_program
+
+    class Small(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dilated = torch.nn.Conv2d(2, 2, 3, dilation=2, padding=2)
+            self.register_buffer("rows", torch.tensor([2, 0, 1]), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            picked = torch.index_select(self.dilated(x), 2, self.rows)
+            return torch.sin(picked) * 2.0
+
+    example = torch.rand(1, 2, 3, 3)
+    model = ct.convert(
+        exported_program(Small().eval(), (example,)),
+        inputs=[ct.TensorType(name="x", shape=example.shape)],
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS17,
+        compute_precision=ct.transform.FP16ComputePrecision(op_selector=lambda op: op.op_type != "sin"),
+    )
+    model.save(str(tmp_path / "small.mlpackage"))
+    census = neural_engine_census(tmp_path / "small.mlpackage")
+    assert census.outside == {"gather": 1, "dilated convolution": 1, "fp32 compute": 1}, census.examples
+    assert census.examples["fp32 compute"][0].startswith("sin ")
+    assert set(census.sources) == {rule.name for rule in RULES}
+    assert all("https://" in source for source in census.sources.values())

@@ -26,12 +26,15 @@ from validation.text_report import (
     HEADROOM_HEADER,
     HEADROOM_NOTE,
     KIND_HEADER,
+    NEURAL_ENGINE_NOTE,
     SUMMARY_HEADER,
     best_pairs_by_budget,
     crosscheck_rows,
     everything_rows,
     headroom_rows,
     kind_rows,
+    neural_engine_rows,
+    neural_engine_sources,
     pair_matrix,
     summary_rows,
 )
@@ -232,6 +235,18 @@ def write_html(
             "<h2>fp16 headroom (files that compute in fp16)</h2>",
             f"<p>{html.escape(HEADROOM_NOTE)}</p>",
             _html_table(HEADROOM_HEADER, headroom),
+        ]
+    header, engine = neural_engine_rows(report)
+    if engine:
+        sources = "".join(
+            f"<li>{html.escape(rule)}: {html.escape(source)}</li>"
+            for rule, source in neural_engine_sources(report).items()
+        )
+        sections += [
+            "<h2>Neural Engine: ops it is known not to run (Core ML packages)</h2>",
+            f"<p>{html.escape(NEURAL_ENGINE_NOTE)}</p>",
+            _html_table(header, engine),
+            f"<ul>{sources}</ul>",
         ]
     sections += ["<h2>Per prompt kind</h2>", _html_table(KIND_HEADER, kind_rows(report))]
     if extra_html:

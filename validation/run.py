@@ -63,6 +63,7 @@ from validation.schema import (
     GateResult,
     Latency,
     Memory,
+    NeuralEngineResult,
     PairResult,
     Report,
     RunResult,
@@ -126,6 +127,7 @@ def validate_artifact(
         file=str(Path(manifest_path).parent / record.file),
         bytes=record.bytes,
         fp16_headroom=Fp16HeadroomResult.of(record.details.fp16_headroom),
+        neural_engine=NeuralEngineResult.of(record.details.neural_engine),
     )
     loaded = LoadedArtifact(record, result)
     reason = get_target(record.target).selftest_only(record.part, record.precision)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.fp16_range import Fp16Headroom
+from pipeline.manifest import NeuralEngineCensus
 from pipeline.provenance import describe_machine, now
 
 REPORT_SCHEMA_VERSION = 2
@@ -151,6 +152,19 @@ class Fp16HeadroomResult:
         return cls(measured.margin, rows, len(measured.below_margin), len(measured.kept_fp32))
 
 
+@dataclass(frozen=True)
+class NeuralEngineResult:
+    """A Core ML package's ops the Neural Engine is known not to run (the manifest's `neural_engine`)."""
+
+    ops: int
+    outside: dict[str, int]
+    sources: dict[str, str]
+
+    @classmethod
+    def of(cls, census: NeuralEngineCensus | None) -> NeuralEngineResult | None:
+        return None if census is None else cls(census.ops, dict(census.outside), dict(census.sources))
+
+
 @dataclass
 class ArtifactResult:
     target: str
@@ -169,6 +183,7 @@ class ArtifactResult:
     selftest_only: SelftestScores | None = None
     """Set when the file was scored on its self-test vectors only (`encoder`/`decoder` stay None)."""
     fp16_headroom: Fp16HeadroomResult | None = None
+    neural_engine: NeuralEngineResult | None = None
 
     @property
     def name(self) -> str:

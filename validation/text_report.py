@@ -242,6 +242,11 @@ def summary_markdown(report: Report) -> str:
     if headroom:
         lines += ["", "## fp16 headroom (files that compute in fp16)", "", HEADROOM_NOTE, ""]
         lines += _table(HEADROOM_HEADER, headroom)
+    header, engine = neural_engine_rows(report)
+    if engine:
+        lines += ["", "## Neural Engine: ops it is known not to run (Core ML packages)", ""]
+        lines += [NEURAL_ENGINE_NOTE, "", *_table(header, engine), ""]
+        lines += [f"- {rule}: {source}" for rule, source in neural_engine_sources(report).items()]
     lines += ["", "## Per prompt kind", "", *_table(KIND_HEADER, kind_rows(report))]
     if report.seconds:
         total = sum(report.seconds.values())
@@ -277,6 +282,29 @@ def headroom_rows(report: Report) -> list[list[str]]:
                 ]
             )
     return rows
+
+
+NEURAL_ENGINE_NOTE = (
+    "Per package, its ops and how many match each public rule of what the Neural Engine does not run "
+    "(each such op runs on the GPU or CPU, and the graph is cut there); Core ML's own placement is only "
+    "seen on Apple hardware. Rules and sources below."
+)
+
+
+def neural_engine_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    censuses = [(a, a.neural_engine) for run in report.runs for a in run.artifacts if a.neural_engine]
+    rules = list(neural_engine_sources(report))
+    rows = [[a.name, str(c.ops), *(str(c.outside.get(rule, 0)) for rule in rules)] for a, c in censuses]
+    return ["file", "ops", *rules], rows
+
+
+def neural_engine_sources(report: Report) -> dict[str, str]:
+    sources: dict[str, str] = {}
+    for run in report.runs:
+        for artifact in run.artifacts:
+            if artifact.neural_engine:
+                sources.update(artifact.neural_engine.sources)
+    return sources
 
 
 CROSSCHECK_HEADER = ("part", "precision", "on", "Core ML (emulator)", "Core AI (Apple's runtime)", "between", "verdict")

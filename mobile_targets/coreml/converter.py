@@ -32,6 +32,8 @@ from mobile_targets.coreml.activation_quantization import (
     module_paths,
     quantize_activations_and_weights,
 )
+from mobile_targets.coreml.neural_engine import neural_engine_census
+from mobile_targets.graph_patches import without_bias_gathers
 from pipeline.config import parse_bool
 from pipeline.contract import (
     BATCHED_DECODER,
@@ -364,7 +366,7 @@ class CoreMLTarget(Target):
         if precision not in self.precisions:
             raise PipelineError(f"coreml does not support precision {precision!r}")
         inputs, outputs = fresh_tensor_types(part.contract)
-        module = part.module
+        module = self.module_to_export(part, precision)
         image_typed = part.name == "image_encoder" and self.options.encoder_input == "image"
         if image_typed:
             module, inputs[0] = image_input(module)
@@ -404,11 +406,17 @@ class CoreMLTarget(Target):
         make_readable(path)
         return {
             **w8a8_details,
+            "neural_engine": neural_engine_census(path),
             "quantization": describe_precision(precision, self.options),
             "fp32_point_encoding": precision != "fp32" and self.options.fp32_point_encoding,
             "minimum_deployment_target": self.options.minimum_deployment_target,
             "encoder_input": "image (RGB ImageType, bias -mean)" if image_typed else "tensor",
         }
+
+    def module_to_export(self, part: PartToConvert, precision: str) -> torch.nn.Module:
+        """The part with the encoder's bias gathers as one-hot products: exact, and gather is among
+        the ops the Neural Engine is known not to run (neural_engine.py)."""
+        return without_bias_gathers(part.module)
 
     def _computes_in_fp16(self, fp32_ops: frozenset[str], nodes: set[str], op: Any) -> bool:
         """FP16ComputePrecision's op selector: every op but the point encoding's (unless the option

@@ -9,48 +9,10 @@ as the other in every dimension), no BROADCAST_TO.
 
 from __future__ import annotations
 
-import copy
-import math
-
 import torch
-import torch.nn.functional as F
-from timm.models.tiny_vit import Attention as TinyVitAttention
 
+from mobile_targets.graph_patches import without_bias_gathers
 from pipeline.export_wrappers import PromptDecoderForExport
-from pipeline.model import MobileSamTinyViT
-
-
-def four_d_corner(image: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
-    """The first channel's top-left rows x columns, kept 4-D (1, 1, rows, columns).
-
-    Why: the default corner is 2-D, and each attention's part of it a 2-D SLICE, which the GPU
-    delegate does not take; the same values sliced as 4-D tensors are."""
-    return image[:1, :1, :rows, :columns]
-
-
-def one_hot_bias_table(self: TinyVitAttention, anchor: torch.Tensor) -> torch.Tensor:
-    """The (heads, tokens, tokens) bias of `pipeline.model._gather_biases_at_run_time`, the two
-    per-axis gathers written as products with constant one-hot matrices.
-
-    Why: litert-torch lowers those gathers to GATHER_ND, which the GPU delegate does not run (the
-    encoder's 20 of them would each cut the graph between GPU and CPU). A one-hot product picks
-    each value times 1 plus zeros: exact in fp32 and fp16 alike. The table keeps its run-time
-    anchor row (so no converter folds it into the full table) and stays compact."""
-    heads, offsets = self.num_heads, self.bias_axis_offsets
-    size = math.isqrt(offsets.shape[0])
-    dtype = self.attention_biases.dtype
-    table = torch.cat(
-        [self.attention_biases.view(heads, size, size), anchor[:, :, :heads, :size].reshape(heads, 1, size).to(dtype)],
-        dim=1,
-    )  # [h, dy + anchor row, dx]
-    # the one-hot rows with one run-time row more (dropped after the product): a constant on the
-    # left of a BATCH_MATMUL is what XNNPACK refuses in fp16 arithmetic
-    anchor_row = anchor[:, :, :1, : size + 1].reshape(1, size + 1).to(dtype)
-    pick_rows = torch.cat([self.pick_bias_rows.to(dtype), anchor_row], dim=0)
-    by_rows = torch.matmul(pick_rows, table)[:, : size * size]  # [h, (i1, i2), dx]
-    bias = torch.matmul(by_rows, self.pick_bias_columns.to(dtype))  # [h, (i1, i2), (j1, j2)]
-    bias = bias.view(heads, size, size, size, size).permute(0, 1, 3, 2, 4)  # [h, i1, j1, i2, j2]
-    return bias.reshape(heads, size * size, size * size)
 
 
 def one_hot_label_embeddings(prompt_encoder: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
@@ -104,23 +66,12 @@ def rows_times_ones(rows: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def gpu_ready(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy of an export wrapper (or anything holding one) with every patch above: the encoder's
-    biases from `one_hot_bias_table` anchored on `four_d_corner`; the decoder's
+    """A copy of an export wrapper (or anything holding one) with every patch: the encoder's biases
+    without gathers (`mobile_targets.graph_patches.without_bias_gathers`); the decoder's
     `one_hot_label_embeddings`, `image_pe_tokens_tiled` and `rows_times_ones`."""
-    patched = copy.deepcopy(module)
+    patched = without_bias_gathers(module)
     for child in patched.modules():
-        if isinstance(child, MobileSamTinyViT):
-            child.anchor_corner = four_d_corner
-        elif isinstance(child, TinyVitAttention):
-            child.bias_from_table = one_hot_bias_table
-            offsets = child.bias_axis_offsets
-            size = math.isqrt(offsets.shape[0])
-            # constants, made here: F.one_hot in the graph exports run-time range checks
-            child.register_buffer("pick_bias_rows", F.one_hot(offsets, size + 1).float(), persistent=False)
-            child.register_buffer(
-                "pick_bias_columns", F.one_hot(offsets, size).float().T.contiguous(), persistent=False
-            )
-        elif isinstance(child, PromptDecoderForExport):
+        if isinstance(child, PromptDecoderForExport):
             child.label_embeddings = one_hot_label_embeddings
             child.image_pe = image_pe_tokens_tiled
             child.batch_rows = rows_times_ones
