@@ -94,7 +94,7 @@ def _dtype_name(code: int) -> str:
     return MIL_pb2.DataType.Name(code)
 
 
-def _tensor_type(value_type: Any) -> TensorType:
+def tensor_type(value_type: Any) -> TensorType:
     kind = value_type.WhichOneof("type")
     if kind != "tensorType":
         raise ArtifactError(f"value type {kind!r} is not supported by the emulator (only tensors)")
@@ -157,8 +157,8 @@ class _WeightFiles:
 
 def _decode_value(value: Any, weights: _WeightFiles) -> Any:
     """A MIL `Value` (immediate or in a weight blob) as a torch tensor, str or list of str."""
-    tensor_type = _tensor_type(value.type)
-    dtype, shape = tensor_type.dtype, tensor_type.shape or ()
+    declared = tensor_type(value.type)
+    dtype, shape = declared.dtype, declared.shape or ()
     kind = value.WhichOneof("value")
     if kind == "blobFileValue":
         array = weights.read(value.blobFileValue.fileName, value.blobFileValue.offset, dtype, shape)
@@ -181,6 +181,14 @@ def _decode_value(value: Any, weights: _WeightFiles) -> Any:
     else:
         array = np.array(list(getattr(tensor, field).values))
     return _as_torch(array.reshape(shape), dtype)
+
+
+def decode_immediate(value: Any) -> Any:
+    """A MIL `Value` held in the spec itself (no weight blob), decoded; None for one it cannot."""
+    try:
+        return _decode_value(value, weights=None)  # type: ignore[arg-type]  # immediates read no blob
+    except ArtifactError:
+        return None
 
 
 def _binding(binding: Any, weights: _WeightFiles) -> tuple[str, Any]:
@@ -321,7 +329,7 @@ class MilProgram:
             raise ArtifactError(f"{self.package}: no function {function!r} (has {list(program.functions)})")
         main = program.functions[function]
         block = main.block_specializations[main.opset]
-        self.inputs = {spec.name: _tensor_type(spec.type) for spec in main.inputs}
+        self.inputs = {spec.name: tensor_type(spec.type) for spec in main.inputs}
         self.output_names = tuple(block.outputs)
         weights = _WeightFiles(self.package)
         self.constants: dict[str, Any] = {}
@@ -341,7 +349,7 @@ class MilProgram:
             )
         if op.type == "const":
             self.constants[name] = _decode_value(op.attributes["val"], weights)
-            self.var_dtypes[name] = _tensor_type(op.attributes["val"].type).dtype
+            self.var_dtypes[name] = tensor_type(op.attributes["val"].type).dtype
             return
         if op.type not in KERNELS:
             raise UnsupportedOpError(
@@ -355,7 +363,7 @@ class MilProgram:
         for key, argument in op.inputs.items():
             bound = [_binding(binding, weights) for binding in argument.arguments]
             arguments[key] = ("list", bound) if (op.type, key) in VARIADIC_INPUTS or len(bound) > 1 else bound[0]
-        outputs = tuple((output.name, _tensor_type(output.type)) for output in op.outputs)
+        outputs = tuple((output.name, tensor_type(output.type)) for output in op.outputs)
         operation = Operation(op.type, name, arguments, outputs)
         for output_name, output_type in outputs:
             self.var_shapes[output_name] = output_type.shape
