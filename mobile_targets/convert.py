@@ -329,7 +329,7 @@ def within_fp16_range(
 ) -> tuple[PartToConvert, Fp16Headroom]:
     """The part to convert in `precision` (which computes in fp16) and its headroom record: as it
     is when every op holds the margin; else with the ops under it, and the ops that read them,
-    kept in fp32 (`target.keeps_ops_fp32`); else Fp16Overflow naming the tightest op."""
+    kept in fp32 (`target.keeps_ops_fp32`); else Fp16Overflow naming the first op under it."""
     if headroom.holds:
         return part, headroom
     if not target.keeps_ops_fp32:
