@@ -18,8 +18,8 @@ from pipeline.export_wrappers import exported_program
 from pipeline.fp16_range import FP16_MAX, SAFE_MARGIN, TIGHTEST_SHOWN, measure_fp16_headroom, with_readers
 from pipeline.manifest import read_manifest
 from pipeline.metrics import psnr_db
-from validation.schema import Fp16HeadroomResult
-from validation.text_report import HEADROOM_HEADER
+from validation.schema import ArtifactResult, Fp16HeadroomResult, Report, RunResult
+from validation.text_report import headroom_rows, summary_markdown
 
 SCALED = "mask_decoder.transformer.layers.0.mlp.lin2"
 """The layer the overflow checkpoint scales: the first two-way block's MLP output, whose sum with the
@@ -66,7 +66,11 @@ def test_headroom_names_the_op_past_the_margin_and_the_ops_that_read_it():
 
     result = Fp16HeadroomResult.of(headroom)  # what validate's report shows
     assert result.under_margin == 1 and result.tightest[0].op == "aten.linear.default in grow"
-    assert len(HEADROOM_HEADER) == 6
+    artifact = ArtifactResult("coreml", "tiny_part", "fp16", "tiny.mlpackage", 1, fp16_headroom=result)
+    report = Report({}, "none", False, {}, runs=[RunResult("m.json", "coreml", artifacts=[artifact])])
+    (row,) = headroom_rows(report)
+    assert row[0] == "coreml tiny_part fp16" and row[2] == f"{largest:.4g}" and row[4] == "1"
+    assert "## fp16 headroom" in summary_markdown(report)
 
 
 def test_default_fp16_files_record_their_headroom(tflite_converted):
