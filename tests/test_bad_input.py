@@ -25,7 +25,7 @@ from pipeline.datasets import SAMPLE_DIR, FolderPhotos
 from pipeline.errors import ArtifactError
 from pipeline.files import sha256_file
 from pipeline.locking import LOCK_NAME
-from pipeline.manifest import ArtifactRecord, Manifest, read_manifest
+from pipeline.manifest import ArtifactRecord, ConversionFailure, Manifest, read_manifest
 from tests.artifact_surgery import rehash, set_coreml_weights
 from tests.conftest import clone_environment, tracked_copy
 from validation.run import ValidationSettings, validate_run
@@ -225,10 +225,16 @@ def test_validate_isolates_every_failure(coreml_fp32, tmp_path, capsys, monkeypa
     non-finite), a TFLite manifest that is not JSON, and an ExecuTorch file that is not a
     program but whose hash matches (the runtime fails). The Core ML decoder is still validated
     and passes; the pair fed by the NaN encoder fails; every failure is one line; all three
-    reports are written; exit status 1."""
+    reports are written; exit status 1. The Core ML manifest also lists a failed conversion (a
+    failure line) and a file not made (reported, not failed)."""
     out = _copy(coreml_fp32, tmp_path)
     set_coreml_weights(out / "coreml" / "image_encoder_fp32.mlpackage", float("nan"))
     rehash(out / "coreml" / "manifest.json")
+    failed_conversion = ConversionFailure(part="image_encoder", precision="int8", error="the converter stopped")
+    not_made = ConversionFailure(part="prompt_decoder", precision="w8a8", error="self-test vectors missed")
+    read_manifest(out / "coreml" / "manifest.json").model_copy(
+        update={"failures": (failed_conversion,), "not_made": (not_made,)}
+    ).write(out / "coreml")
     (out / "tflite").mkdir()
     (out / "tflite" / "manifest.json").write_text('{"schema_version": 1, "artifacts": [')
     coreml_manifest = read_manifest(out / "coreml" / "manifest.json")
@@ -252,7 +258,8 @@ def test_validate_isolates_every_failure(coreml_fp32, tmp_path, capsys, monkeypa
     )  # fmt: skip
     assert status == 1
     failed = [line for line in stderr.splitlines() if line.startswith("FAILED: ")]
-    assert len(failed) == 5, stderr[-3000:]
+    assert len(failed) == 6, stderr[-3000:]
+    assert "FAILED: coreml image_encoder int8: conversion failed: the converter stopped" in stderr
     assert "FAILED: pair coreml fp32 encoder + fp32 decoder: output low_res_masks had" in stderr
     assert "FAILED: coreml segment everything (fp32 encoder + fp32 batched decoder, zero thresholds)" in stderr
     report = json.loads((out / "report.json").read_text())
@@ -266,6 +273,11 @@ def test_validate_isolates_every_failure(coreml_fp32, tmp_path, capsys, monkeypa
     assert encoder["non_finite_outputs"]["image_embeddings"] > 0
     assert "output image_embeddings had" in encoder["gate"]["failures"][0]
     assert decoder["gate"]["passed"] and decoder["decoder"]["box_point"]["mask_iou"]["min"] > 0.99
+    assert runs["coreml"]["not_made"] == [not_made.model_dump()]
+    assert (
+        "coreml: not made (missed their gate at conversion, not shipped): prompt_decoder w8a8: self-test"
+        in (out / "report.md").read_text()
+    )
     assert (out / "report.md").is_file() and "NOT VALIDATED" in (out / "report.md").read_text()
     assert (out / "report.html").is_file() and "not validated" in (out / "report.html").read_text()
 

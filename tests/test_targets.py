@@ -485,3 +485,46 @@ def test_tflite_fp16_encoder_computes_in_fp16_as_phones_do(tmp_path):
     marked = mark_fp16_arithmetic((tmp_path / f"{ENCODER}_fp16.tflite").read_bytes())
     (tmp_path / "marked_twice.tflite").write_bytes(mark_fp16_arithmetic(marked))
     assert declared_arithmetic(tmp_path / "marked_twice.tflite") == "fp16"
+
+
+def test_tflite_w8a8_ranges_cover_every_calibration_sample(tmp_path):
+    """The w8a8 file's activation ranges hold every calibration sample, not mostly the first:
+    ai-edge-quantizer's own calibration averages each new sample's range into the earlier ones
+    (0.95 : 0.05), so a later photo whose values reach eight times further was clipped. Here the
+    first sample is small and the others large; the file answers the largest within int8's
+    resolution, and each activation's int8 range reaches the largest value PyTorch computed."""
+    import torch
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mobile_targets.base import PartToConvert
+    from pipeline.contract import PartContract, TensorSpec
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 16)).eval()
+    shape = (1, 8, 32)
+    contract = PartContract(
+        ENCODER,
+        (TensorSpec("tokens", shape, "float32", "tokens"),),
+        (TensorSpec("out", (1, 8, 16), "float32", "tokens"),),
+    )
+    generator = torch.Generator().manual_seed(1)
+    samples = [torch.randn(shape, generator=generator) * scale for scale in (1.0, 8.0, 8.0, 8.0)]
+    part = PartToConvert(
+        layers, contract, (samples[0],), calibration=lambda: tuple({"tokens": x.numpy()} for x in samples)
+    )
+    path = tmp_path / "mlp_w8a8.tflite"
+    get_target("tflite").convert_part(part, "w8a8", path)
+
+    with torch.no_grad():
+        largest = max(float(layers(x).abs().max()) for x in samples)
+        expected = layers(samples[1]).numpy()
+    interpreter = Interpreter(model_path=str(path))
+    output_ranges = [
+        255 * float(t["quantization_parameters"]["scales"][0])
+        for t in interpreter.get_tensor_details()
+        if t["dtype"] == np.int8 and t["shape"].tolist() == [1, 8, 16]
+    ]
+    assert output_ranges and min(output_ranges) >= largest, (output_ranges, largest)
+    answer = get_target("tflite").load_runner(path, contract).run({"tokens": samples[1].numpy()})["out"]
+    print(f"tflite w8a8 on a calibration sample 8x the first: {psnr_db(expected, answer):.1f} dB against fp32")
+    assert psnr_db(expected, answer) > 35

@@ -370,8 +370,8 @@ def validate_run(
             run.emulated = target.emulation_note()
             run.weights = source.describe()
             run.random_weights = source.is_random
-            run.conversion_failures = [asdict(failure) for failure in manifest.failures]
-            run.not_made = [asdict(item) for item in manifest.not_made]
+            run.conversion_failures = [failure.model_dump() for failure in manifest.failures]
+            run.not_made = [item.model_dump() for item in manifest.not_made]
             run.prompt_cases = [asdict(c.case) for ref in references for c in ref.cases]
             run.teacher = pytorch_against_teacher(references)
             if overlays is not None:

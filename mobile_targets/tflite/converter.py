@@ -209,10 +209,30 @@ def exp_weighted_kept_values(logits: torch.Tensor, values: torch.Tensor, key_kee
     return (weights @ values) / weights.sum(dim=-1, keepdim=True)
 
 
+def calibration_ranges(float_model: bytes, recipe: list[dict[str, Any]], samples: list[dict[str, np.ndarray]]) -> dict:
+    """Per tensor the recipe quantizes, its min and max over every calibration sample, as the
+    LiteRT interpreter computes them on the float model.
+
+    Why not `Quantizer.calibrate`: ai-edge-quantizer 0.10 merges each sample into a moving average
+    (0.95 of the ranges so far, 0.05 of the new sample's), so the first sample's ranges all but
+    decide, and a later photo or prompt whose values reach further is clipped (a tensor that was
+    0 to 1 over the decoder's calibration prompts got the range 0.248 to 0.248). The union is
+    the range every sample fits in; its own `min_max_update` computes it."""
+    from ai_edge_quantizer import calibrator, recipe_manager
+    from ai_edge_quantizer.utils import qsv_utils
+
+    manager = recipe_manager.RecipeManager()
+    manager.load_quantization_recipe(recipe)
+    union = calibrator.Calibrator(float_model, num_threads=2, qsv_update_func=qsv_utils.min_max_update)
+    union.calibrate({SIGNATURE: samples}, manager)
+    return union.get_model_qsvs()
+
+
 def quantize_full_integer(float_model: bytes, part: PartToConvert, integer_io: bool) -> bytes:
     """ai-edge-quantizer's static int8 recipe (per-channel int8 weights, per-tensor int8
-    activations), its ranges the min/max that the LiteRT interpreter sees on the part's
-    calibration inputs (the first real photos, and point, box and refinement prompts)."""
+    activations), its ranges the min/max that the LiteRT interpreter sees over all of the part's
+    calibration inputs (the first real photos, and point, box and refinement prompts:
+    `calibration_ranges`)."""
     from ai_edge_quantizer import quantizer, recipe_manager
     from ai_edge_quantizer.qtyping import TFLOperationName
 
@@ -225,9 +245,10 @@ def quantize_full_integer(float_model: bytes, part: PartToConvert, integer_io: b
     if not integer_io:
         for boundary in (TFLOperationName.INPUT, TFLOperationName.OUTPUT):
             manager.add_quantization_config(regex=".*", operation_name=boundary, algorithm_key="no_quantize")
-    engine = quantizer.Quantizer(float_model, manager.get_quantization_recipe())
+    recipe = manager.get_quantization_recipe()
     samples = [{name: sample[name] for name in part.contract.input_names} for sample in part.calibration()]
-    ranges = engine.calibrate({SIGNATURE: samples})
+    ranges = calibration_ranges(float_model, recipe, samples)
+    engine = quantizer.Quantizer(float_model, recipe)
     return bytes(engine.quantize(ranges, enable_progress_report=False).quantized_model)
 
 
@@ -281,6 +302,20 @@ def xnnpack_delegation(path: Path) -> tuple[dict[str, int], dict[str, int]]:
         counts = delegated if {int(t) for t in op["outputs"]} <= from_delegate else outside
         counts[op["op_name"]] = counts.get(op["op_name"], 0) + 1
     return delegated, outside
+
+
+def float_tflite(part: PartToConvert, precision: str) -> bytes:
+    """The float `.tflite` of the graph a precision starts from, before any quantization: the
+    GPU-ready graph, or for w8a8 the graph whose attention full-integer quantization takes."""
+    import litert_torch
+
+    # w8a8 is for NPUs: its int8 activations would quantize the GPU graph's one-hot products
+    module = attention_exp_as_sigmoids(part.module) if precision == "w8a8" else gpu_ready(part.module)
+    if computes_in_fp16(part, precision):
+        module = gelu_as_tanh_approximation(module)
+    named = NamedInputsOutputs(module, part.contract).eval()
+    sample = dict(zip(part.contract.input_names, part.example_inputs, strict=True))
+    return bytes(litert_torch.convert(named, sample_args=(), sample_kwargs=sample).model_content())
 
 
 class TFLiteRunner(Runner):
@@ -359,19 +394,9 @@ class TFLiteTarget(Target):
         return TFLiteTarget(replace_options(self.options, options, self.name))
 
     def convert_part(self, part: PartToConvert, precision: str, path: Path) -> dict[str, Any]:
-        import litert_torch
-
         if precision not in self.precisions:
             raise PipelineError(f"tflite does not support precision {precision!r}")
-        module = part.module
-        # w8a8 is for NPUs: its int8 activations would quantize the GPU graph's one-hot products
-        module = attention_exp_as_sigmoids(module) if precision == "w8a8" else gpu_ready(module)
-        if computes_in_fp16(part, precision):
-            module = gelu_as_tanh_approximation(module)
-        named = NamedInputsOutputs(module, part.contract).eval()
-        sample = dict(zip(part.contract.input_names, part.example_inputs, strict=True))
-        model = litert_torch.convert(named, sample_args=(), sample_kwargs=sample)
-        data = bytes(model.model_content())
+        data = float_tflite(part, precision)
         details: dict[str, Any] = {"quantization": QUANTIZATION[precision]}
         if precision == "w8a8":
             integer_io = self.options.integer_io and part.name == ENCODER
