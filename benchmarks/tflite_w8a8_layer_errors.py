@@ -108,7 +108,7 @@ def main() -> None:
     parts = build_parts(RunConfig(batch_prompts=0), sam, CocoPhotos.sample("calibration"))
     for part in (p for p in parts if p.name in args.parts):
         float_model = float_tflite(part, "w8a8")
-        quantized = quantize_full_integer(float_model, part, integer_io=False)
+        quantized, _ = quantize_full_integer(float_model, part, integer_io=False)
         samples = [{name: s[name] for name in part.contract.input_names} for s in part.calibration()][: args.samples]
         errors = layer_errors(float_model, quantized, samples)
         print(f"\n{part.name} ({weights}): {len(errors)} ops, output SQNR against float over {len(samples)} input(s)")

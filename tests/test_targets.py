@@ -528,3 +528,68 @@ def test_tflite_w8a8_ranges_cover_every_calibration_sample(tmp_path):
     answer = get_target("tflite").load_runner(path, contract).run({"tokens": samples[1].numpy()})["out"]
     print(f"tflite w8a8 on a calibration sample 8x the first: {psnr_db(expected, answer):.1f} dB against fp32")
     assert psnr_db(expected, answer) > 35
+
+
+def test_tflite_w8a8_keeps_the_costliest_region_float(tmp_path):
+    """A coordinate encoding (sin and cos of coordinates up to 1024, as the prompt decoder's) then
+    three linear layers: all int8, the coordinates' 4-pixel steps ruin the phases and the output
+    misses the w8a8 target; the search keeps the region that costs most float (the encoding) and
+    the linear layers int8, and the file answers an input it was not calibrated on."""
+    import math
+
+    import torch
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mobile_targets.base import PartToConvert
+    from pipeline.contract import PartContract, TensorSpec
+
+    class CoordinateEncoding(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            generator = torch.Generator().manual_seed(0)
+            self.register_buffer("frequencies", torch.randn(2, 32, generator=generator) * 8)
+            self.head = torch.nn.Sequential(
+                torch.nn.Linear(64, 64),
+                torch.nn.GELU(),
+                torch.nn.Linear(64, 64),
+                torch.nn.GELU(),
+                torch.nn.Linear(64, 16),
+            )
+
+        def forward(self, coords: torch.Tensor) -> torch.Tensor:
+            phase = 2 * math.pi * (coords / 1024) @ self.frequencies
+            return self.head(torch.cat([phase.sin(), phase.cos()], dim=-1))
+
+    torch.manual_seed(0)
+    module = CoordinateEncoding().eval()
+    shape = (1, 64, 2)
+    contract = PartContract(
+        ENCODER,
+        (TensorSpec("coords", shape, "float32", "pixels"),),
+        (TensorSpec("out", (1, 64, 16), "float32", "features"),),
+    )
+    generator = torch.Generator().manual_seed(1)
+    samples = [torch.rand(shape, generator=generator) * 1024 for _ in range(5)]
+    part = PartToConvert(
+        module, contract, (samples[0],), calibration=lambda: tuple({"coords": x.numpy()} for x in samples[:4])
+    )
+    path = tmp_path / "encoding_w8a8.tflite"
+    plan = get_target("tflite").convert_part(part, "w8a8", path)["mixed_precision"]
+    print("tflite w8a8 coordinate encoding:", plan)
+    assert plan["all_int8_score"] < plan["calibration_target"] <= plan["calibration_score"]
+    assert plan["float_regions"][0].startswith("ops 0-") and plan["int8_op_share"] >= 0.5
+
+    interpreter = Interpreter(model_path=str(path))
+    types = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
+    ops = [op for op in interpreter._get_ops_details() if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE")]
+    float_ops = [op for op in ops if any(types[i] == np.float32 for i in [*op["inputs"], *op["outputs"]] if i >= 0)]
+    print("ops on float tensors:", [op["op_name"] for op in float_ops])
+    assert len(float_ops) == plan["ops_outside_int8"] and len(ops) == plan["ops"]
+    assert [op["op_name"] for op in float_ops] == ["FULLY_CONNECTED", "SIN", "COS"]  # the planned op, no int8 sin/cos
+    linear = [op for op in ops if op["op_name"] == "FULLY_CONNECTED"]
+    assert [types[op["inputs"][0]] for op in linear] == [np.float32, np.int8, np.int8, np.int8]  # encoding, head
+    with torch.no_grad():
+        expected = module(samples[4]).numpy()
+    answer = get_target("tflite").load_runner(path, contract).run({"coords": samples[4].numpy()})["out"]
+    print(f"on an input it was not calibrated on: {psnr_db(expected, answer):.1f} dB against fp32")
+    assert psnr_db(expected, answer) > 35

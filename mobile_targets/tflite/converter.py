@@ -14,7 +14,7 @@ float or int8 inputs and outputs (option `integer_io`).
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,18 +27,21 @@ from timm.models.tiny_vit import Attention as TinyVitAttention
 from mobile_targets.base import PartToConvert, Runner, Target, replace_options
 from mobile_targets.tflite.arithmetic import ForcedFp16Signature, declared_arithmetic, mark_fp16_arithmetic
 from mobile_targets.tflite.gpu_ready import gpu_ready
+from mobile_targets.tflite.mixed_precision import MixedPlan, plan_float_regions, scope_pattern, target_for
 from mobile_targets.tflite.op_versions import declare_required_versions
 from pipeline.config import parse_bool
 from pipeline.contract import ENCODER, PartContract
 from pipeline.errors import ArtifactError, PipelineError
 from pipeline.export_wrappers import PromptDecoderForExport
+from pipeline.gates import DEFAULT_GATES
 
 SIGNATURE = "serving_default"
 QUANTIZATION = {
     "fp32": "none",
     "fp16": "fp16 weights",
     "int8": "int8 fully connected, MBConv 1x1 and neck convolutions (dynamic range), fp16 other convolutions",
-    "w8a8": "full-integer static int8 (weights and activations), calibrated on real photos",
+    "w8a8": "static int8 weights and activations, calibrated on real photos; where int8 costs the part its "
+    "target, the costliest regions keep float activations (details.mixed_precision)",
 }
 FP16_ARITHMETIC_QUANTIZATION = "fp16 weights, fp16 arithmetic where XNNPACK computes fp16 natively (tanh GELU)"
 """The fp16 encoder's scheme (`computes_in_fp16`)."""
@@ -228,28 +231,49 @@ def calibration_ranges(float_model: bytes, recipe: list[dict[str, Any]], samples
     return union.get_model_qsvs()
 
 
-def quantize_full_integer(float_model: bytes, part: PartToConvert, integer_io: bool) -> bytes:
+def quantize_full_integer(float_model: bytes, part: PartToConvert, integer_io: bool) -> tuple[bytes, MixedPlan]:
     """ai-edge-quantizer's static int8 recipe (per-channel int8 weights, per-tensor int8
     activations), its ranges the min/max that the LiteRT interpreter sees over all of the part's
     calibration inputs (the first real photos, and point, box and refinement prompts:
-    `calibration_ranges`)."""
+    `calibration_ranges`); where the all-int8 file misses its target on those inputs, the
+    regions int8 costs the most keep float activations (`mixed_precision`)."""
+    from ai_edge_litert.tools import flatbuffer_utils
     from ai_edge_quantizer import quantizer, recipe_manager
     from ai_edge_quantizer.qtyping import TFLOperationName
+    from ai_edge_quantizer.utils.tfl_flatbuffer_utils import get_op_scope
 
     if part.calibration is None:
         raise PipelineError(f"tflite w8a8 {part.name}: no calibration inputs")
-    manager = recipe_manager.RecipeManager()
-    manager.add_static_config(
-        regex=".*", operation_name=TFLOperationName.ALL_SUPPORTED, activation_num_bits=8, weight_num_bits=8
-    )
-    if not integer_io:
-        for boundary in (TFLOperationName.INPUT, TFLOperationName.OUTPUT):
-            manager.add_quantization_config(regex=".*", operation_name=boundary, algorithm_key="no_quantize")
-    recipe = manager.get_quantization_recipe()
+
+    def recipe(float_scopes: Sequence[str], integer_boundary: bool) -> list[dict[str, Any]]:
+        manager = recipe_manager.RecipeManager()
+        manager.add_static_config(
+            regex=".*", operation_name=TFLOperationName.ALL_SUPPORTED, activation_num_bits=8, weight_num_bits=8
+        )
+        if float_scopes:
+            pattern = scope_pattern(float_scopes)
+            manager.add_quantization_config(pattern, TFLOperationName.ALL_SUPPORTED, algorithm_key="no_quantize")
+        if not integer_boundary:
+            for boundary in (TFLOperationName.INPUT, TFLOperationName.OUTPUT):
+                manager.add_quantization_config(regex=".*", operation_name=boundary, algorithm_key="no_quantize")
+        return manager.get_quantization_recipe()
+
     samples = [{name: sample[name] for name in part.contract.input_names} for sample in part.calibration()]
-    ranges = calibration_ranges(float_model, recipe, samples)
-    engine = quantizer.Quantizer(float_model, recipe)
-    return bytes(engine.quantize(ranges, enable_progress_report=False).quantized_model)
+    ranges = calibration_ranges(float_model, recipe((), False), samples)
+
+    def quantize(float_scopes: Sequence[str], integer_boundary: bool = False) -> bytes:
+        engine = quantizer.Quantizer(float_model, recipe(float_scopes, integer_boundary))
+        return bytes(engine.quantize(ranges, enable_progress_report=False).quantized_model)
+
+    def answers(model: bytes) -> list[dict[str, np.ndarray]]:
+        runner = load_interpreter_class()(model_content=model).get_signature_runner(SIGNATURE)
+        return [{name: np.asarray(value) for name, value in runner(**sample).items()} for sample in samples]
+
+    graph = flatbuffer_utils.read_model_from_bytearray(bytearray(float_model)).subgraphs[0]
+    scopes = [get_op_scope(op, graph.tensors) for op in graph.operators]
+    target = target_for(part.contract, DEFAULT_GATES["w8a8"])
+    plan, model = plan_float_regions(scopes, quantize, answers, answers(float_model), part.contract, target)
+    return (quantize(plan.float_ops, integer_boundary=True) if integer_io else model), plan
 
 
 def short_tensor_names(model_content: bytes) -> bytes:
@@ -400,8 +424,9 @@ class TFLiteTarget(Target):
         details: dict[str, Any] = {"quantization": QUANTIZATION[precision]}
         if precision == "w8a8":
             integer_io = self.options.integer_io and part.name == ENCODER
-            data = quantize_full_integer(data, part, integer_io)
+            data, plan = quantize_full_integer(data, part, integer_io)
             details["io"] = "int8" if integer_io else "float32"
+            details["mixed_precision"] = plan.details()
         elif precision != "fp32":
             data = _quantize(data, precision)
         data = declare_required_versions(data)
