@@ -138,35 +138,9 @@ CALIBRATION_PHOTOS = 4
 """Photos whose activations set a statically quantized file's int8 ranges."""
 
 
-def calibration_prompts(prompt: Prompt, image_shape: tuple[int, ...], previous_mask: np.ndarray) -> list[Prompt]:
-    """An example prompt's point alone, its box, both, the point with a background point, and the
-    point again with its first answer as mask_input (a refinement).
-
-    Why every kind: a range is measured only on what the calibration inputs exercise. With points
-    and boxes alone, the negative-point embedding was zero on every input, and the multi-point
-    prompts apps send (validate's include a background point) were clipped by int8 ranges that
-    had never seen it."""
-    point = Prompt(points=prompt.points, labels=prompt.labels)
-    height, width = image_shape[:2]
-    x, y = prompt.points[0]
-    corners = [(0.0, 0.0), (width - 1.0, 0.0), (0.0, height - 1.0), (width - 1.0, height - 1.0)]
-    far = max(corners, key=lambda corner: (corner[0] - x) ** 2 + (corner[1] - y) ** 2)  # most likely background
-    with_background = Prompt(
-        points=np.concatenate([prompt.points, np.array([far], dtype=np.float32)]),
-        labels=np.concatenate([prompt.labels, np.array([0.0], dtype=np.float32)]),
-    )
-    return [
-        point,
-        Prompt(box=prompt.box),
-        Prompt(points=prompt.points, labels=prompt.labels, box=prompt.box),
-        with_background,
-        replace(point, mask_input=previous_mask),
-    ]
-
-
 class CalibrationPhotos:
     """Encoder and decoder inputs on the first CALIBRATION_PHOTOS photos, each with its example
-    prompts in every kind of prompt an app sends (`calibration_prompts`); made once, on first
+    prompts as a point, as a box, and as a refinement with the point's mask; made once, on first
     use: only statically quantized activations (the w8a8 files) need them, and they cost a PyTorch
     encoder pass per photo."""
 
@@ -184,7 +158,7 @@ class CalibrationPhotos:
             for prompt in example_prompts(self.photos, image_id, image.shape):
                 point = Prompt(points=prompt.points, labels=prompt.labels)
                 previous = reference.predict(point, multimask_output=True).best_low_res_mask
-                for kind in calibration_prompts(prompt, image.shape, previous):
+                for kind in (point, Prompt(box=prompt.box), replace(point, mask_input=previous)):
                     rows.append(reference.decoder_inputs(kind))
             prepared.append((reference.prepared.encoder_inputs(), rows))
         return prepared
