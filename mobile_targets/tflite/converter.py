@@ -218,9 +218,8 @@ def calibration_ranges(float_model: bytes, recipe: list[dict[str, Any]], samples
 
     Why not `Quantizer.calibrate`: ai-edge-quantizer 0.10 merges each sample into a moving average
     (0.95 of the ranges so far, 0.05 of the new sample's), so the first sample's ranges all but
-    decide, and a later photo or prompt whose values reach further is clipped (a tensor that was
-    0 to 1 over the decoder's calibration prompts got the range 0.248 to 0.248). The union is
-    the range every sample fits in; its own `min_max_update` computes it."""
+    decide, and a later photo or prompt whose values reach further is clipped (docs/tflite.md).
+    The union is the range every sample fits in; its own `min_max_update` computes it."""
     from ai_edge_quantizer import calibrator, recipe_manager
     from ai_edge_quantizer.utils import qsv_utils
 

@@ -66,7 +66,6 @@ class MixedPlan:
 
     float_ops: tuple[str, ...]
     """Op scopes (their output tensors' names, as ai-edge-quantizer's recipes match them)."""
-    total_ops: int
     target: float
     score: float
     """The final file's score on the calibration inputs (min mask IoU or embeddings PSNR)."""
@@ -137,7 +136,7 @@ def plan_float_regions(
     model = quantize(())
     all_int8 = reached = score(contract, expected, run(model))
     if reached >= target:
-        return MixedPlan((), len(scopes), target, reached, all_int8, float_op_count(model)), model
+        return MixedPlan((), target, reached, all_int8, float_op_count(model)), model
     bounds = np.linspace(0, len(scopes), REGIONS + 1).astype(int)
     regions = []
     for first, end in itertools.pairwise(bounds):
@@ -157,7 +156,4 @@ def plan_float_regions(
         reached = score(contract, expected, run(model))
         if reached >= target:
             break
-    plan = MixedPlan(
-        float_ops, len(scopes), target, reached, all_int8, float_op_count(model), tuple(regions), tuple(kept)
-    )
-    return plan, model
+    return MixedPlan(float_ops, target, reached, all_int8, float_op_count(model), tuple(regions), tuple(kept)), model
