@@ -3,8 +3,8 @@
 
 The encoder's relative-position biases are gathered from a compact table at run time
 (`pipeline.model`): LiteRT's GPU delegate does not run GATHER_ND, and gather is among the layers
-the Neural Engine is known not to run (mobile_targets/coreml/neural_engine.py), so the TFLite and
-Core ML files both take them as products with one-hot constants instead.
+the Neural Engine is known not to run (mobile_targets/neural_engine.py), so the TFLite, Core ML
+and Core AI files all take them as products with one-hot constants instead.
 """
 
 from __future__ import annotations

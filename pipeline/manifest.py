@@ -98,8 +98,8 @@ class CompanionRecord(_OpenRecord):
 
 
 class NeuralEngineCensus(_Record):
-    """A Core ML package's ops against the rules of what the Neural Engine is known not to run
-    (mobile_targets/coreml/neural_engine.py)."""
+    """A Core ML package's or Core AI asset's ops against the rules of what the Neural Engine is
+    known not to run (mobile_targets/neural_engine.py)."""
 
     ops: int
     outside: dict[str, int] = Field(default_factory=dict)

@@ -73,6 +73,10 @@ def test_fp32_assets_pass_their_self_test_vectors_and_carry_metadata(coreai_fp32
     assert len(outcomes) == 2 and all(o.passed for o in outcomes), outcomes
     metadata = (coreai_fp32.parent / "image_encoder_fp32.aimodel" / "metadata.json").read_text()
     assert "Apache-2.0" in metadata and "TinyViT" in metadata and "image_embeddings" in metadata
+    for record in read_manifest(coreai_fp32).artifacts:  # fp32 files: fp32 throughout, no gather
+        census = record.details.neural_engine
+        assert census is not None and "gather" not in census.outside, (record.file, census)
+        assert census.outside["fp32 compute"] > census.ops * 0.9, (record.file, census)
 
 
 @pytest.mark.slow
@@ -182,3 +186,46 @@ def test_validate_cross_checks_core_ml_against_apples_runtime(coreai_fp32, offic
     vectors.write_bytes(vectors.read_bytes()[:-10])  # a damaged vectors file: that file's error, never trusted
     report = validate_run(out, photos, settings)
     assert any("is not the file converted with" in line for line in report.failures())
+
+
+def test_neural_engine_census_reads_the_core_ai_program(tmp_path):
+    """A small fp16 asset with one gather, one dilated convolution and one op kept in fp32: the
+    census of the Core AI program counts each rule's own op, as for a Core ML package."""
+    import coreai_torch
+    import torch
+
+    from mobile_targets.coreai.neural_engine import neural_engine_census
+    from mobile_targets.neural_engine import RULES
+
+    class Small(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dilated = torch.nn.Conv2d(2, 2, 3, dilation=2, padding=2)
+            self.register_buffer("rows", torch.tensor([2, 0, 1]), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            picked = torch.index_select(self.dilated(x), 2, self.rows)
+            return torch.sin(picked.float()).half() * 2.0
+
+    example = torch.rand(1, 2, 3, 3).half()
+    program = torch.export.export(Small().half().eval(), (example,), strict=False)
+    converter = coreai_torch.TorchConverter()
+    converter.add_exported_program(
+        program.run_decompositions(coreai_torch.get_decomp_table()), input_names=["x"], output_names=["y"]
+    )
+    converter.to_coreai().save_asset(tmp_path / "small.aimodel")
+    census = neural_engine_census(tmp_path / "small.aimodel")
+    assert census.outside == {"gather": 1, "dilated convolution": 1, "fp32 compute": 1}, census.examples
+    assert census.examples["fp32 compute"][0].startswith("sin ")
+    assert set(census.sources) == {rule.name for rule in RULES}
+
+
+@pytest.mark.slow
+def test_fp16_encoder_has_no_op_the_neural_engine_is_known_not_to_run(our_model, photos, tmp_path):
+    """The fp16 encoder asset (the one for the Neural Engine) takes its relative-position biases as
+    one-hot products, as the Core ML packages do: no gather, nothing computed in fp32; the census is
+    in its details. Converted only (an fp16 call is emulated on Linux: minutes)."""
+    encoder = build_parts(RunConfig(batch_prompts=0), our_model, photos)[0]
+    details = get_target("coreai").convert_part(encoder, "fp16", tmp_path / "image_encoder_fp16.aimodel")
+    census = details["neural_engine"]
+    assert census.ops > 500 and census.outside == {}, census.examples

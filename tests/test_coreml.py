@@ -334,7 +334,8 @@ def test_neural_engine_rules_each_find_their_op(tmp_path):
     counts its own op, and the census says where each rule comes from."""
     import torch
 
-    from mobile_targets.coreml.neural_engine import RULES, neural_engine_census
+    from mobile_targets.coreml.neural_engine import neural_engine_census
+    from mobile_targets.neural_engine import RULES
     from pipeline.export_wrappers import exported_program
 
     class Small(torch.nn.Module):

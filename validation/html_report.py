@@ -243,7 +243,7 @@ def write_html(
             for rule, source in neural_engine_sources(report).items()
         )
         sections += [
-            "<h2>Neural Engine: ops it is known not to run (Core ML packages)</h2>",
+            "<h2>Neural Engine: ops it is known not to run (Core ML and Core AI files)</h2>",
             f"<p>{html.escape(NEURAL_ENGINE_NOTE)}</p>",
             _html_table(header, engine),
             f"<ul>{sources}</ul>",

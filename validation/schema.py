@@ -154,7 +154,8 @@ class Fp16HeadroomResult:
 
 @dataclass(frozen=True)
 class NeuralEngineResult:
-    """A Core ML package's ops the Neural Engine is known not to run (the manifest's `neural_engine`)."""
+    """A Core ML package's or Core AI asset's ops the Neural Engine is known not to run (the
+    manifest's `neural_engine`)."""
 
     ops: int
     outside: dict[str, int]

@@ -244,7 +244,7 @@ def summary_markdown(report: Report) -> str:
         lines += _table(HEADROOM_HEADER, headroom)
     header, engine = neural_engine_rows(report)
     if engine:
-        lines += ["", "## Neural Engine: ops it is known not to run (Core ML packages)", ""]
+        lines += ["", "## Neural Engine: ops it is known not to run (Core ML and Core AI files)", ""]
         lines += [NEURAL_ENGINE_NOTE, "", *_table(header, engine), ""]
         lines += [f"- {rule}: {source}" for rule, source in neural_engine_sources(report).items()]
     lines += ["", "## Per prompt kind", "", *_table(KIND_HEADER, kind_rows(report))]
@@ -285,9 +285,9 @@ def headroom_rows(report: Report) -> list[list[str]]:
 
 
 NEURAL_ENGINE_NOTE = (
-    "Per package, its ops and how many match each public rule of what the Neural Engine does not run "
-    "(each such op runs on the GPU or CPU, and the graph is cut there); Core ML's own placement is only "
-    "seen on Apple hardware. Rules and sources below."
+    "Per Core ML package or Core AI asset, its ops and how many match each public rule of what the Neural "
+    "Engine does not run (each such op runs on the GPU or CPU, and the graph is cut there); the runtime's own "
+    "placement is only seen on Apple hardware. Rules and sources below."
 )
 
 

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from mobile_targets.base import PartToConvert, Runner, Target
+from mobile_targets.coreai.neural_engine import neural_engine_census
+from mobile_targets.graph_patches import without_bias_gathers
 from pipeline.contract import PartContract
 from pipeline.errors import ArtifactError, PipelineError
 from pipeline.export_wrappers import PromptDecoderForExport
@@ -165,7 +167,10 @@ class CoreAITarget(Target):
 
         if precision not in self.precisions:
             raise PipelineError(f"coreai does not support precision {precision!r}")
-        module = part.module.eval() if precision != "fp16" else HalfPrecision(part.module, part.contract).eval()
+        # the encoder's bias gathers as one-hot products: exact, and gather is among the ops the
+        # Neural Engine is known not to run (mobile_targets/neural_engine.py)
+        module = without_bias_gathers(part.module)
+        module = module.eval() if precision != "fp16" else HalfPrecision(module, part.contract).eval()
         with torch.no_grad():
             program = torch.export.export(module, part.example_inputs, strict=False)
         program = program.run_decompositions(coreai_torch.get_decomp_table())
@@ -177,7 +182,11 @@ class CoreAITarget(Target):
         if precision == "int8":
             program = int8_weights(program)
         program.save_asset(path, asset_metadata(part, precision))
-        details: dict[str, Any] = {"function": FUNCTION, "minimum_os": "iOS 27, macOS 27"}
+        details: dict[str, Any] = {
+            "function": FUNCTION,
+            "minimum_os": "iOS 27, macOS 27",
+            "neural_engine": neural_engine_census(path),
+        }
         if precision == "fp16":
             details["compute"] = "fp16, float32 inputs and outputs" + (
                 ", point encoding fp32" if isinstance(part.module, PromptDecoderForExport) else ""
