@@ -111,7 +111,8 @@ def main() -> None:
         quantized, _ = quantize_full_integer(float_model, part, integer_io=False)
         samples = [{name: s[name] for name in part.contract.input_names} for s in part.calibration()][: args.samples]
         errors = layer_errors(float_model, quantized, samples)
-        print(f"\n{part.name} ({weights}): {len(errors)} ops, output SQNR against float over {len(samples)} input(s)")
+        described = weights.describe()
+        print(f"\n{part.name} ({described}): {len(errors)} ops, output SQNR against float over {len(samples)} input(s)")
         print(f"{'op':>5} {'type':<20} {'output dB':>9} {'adds dB':>8}  tensor (end of its module path)")
         for error in sorted(errors, key=lambda e: e.added_db, reverse=True)[: args.top]:
             print(

@@ -593,3 +593,40 @@ def test_tflite_w8a8_keeps_the_costliest_region_float(tmp_path):
     answer = get_target("tflite").load_runner(path, contract).run({"coords": samples[4].numpy()})["out"]
     print(f"on an input it was not calibrated on: {psnr_db(expected, answer):.1f} dB against fp32")
     assert psnr_db(expected, answer) > 35
+
+
+def test_tflite_w8a16_recipe_keeps_the_named_op_types_int8():
+    """`full_integer_recipe` (benchmarks/tflite_w8a16.py): int16 activations on the scopes given,
+    the op types named int8 among them. ai-edge-quantizer lets a later regex override an earlier
+    one whatever op it names, so a TRANSPOSE rule under its own regex was silently ignored."""
+    import litert_torch
+    import torch
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.tools import flatbuffer_utils
+    from ai_edge_quantizer import quantizer
+    from ai_edge_quantizer.utils.tfl_flatbuffer_utils import get_op_scope
+
+    from mobile_targets.tflite.converter import SIGNATURE, calibration_ranges, full_integer_recipe
+
+    class LinearTransposeLinear(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(8, 8), torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.second(self.first(x).transpose(1, 2))
+
+    torch.manual_seed(0)
+    example = torch.rand(1, 4, 8)
+    float_model = bytes(litert_torch.convert(LinearTransposeLinear().eval(), (example,)).model_content())
+    graph = flatbuffer_utils.read_model_from_bytearray(bytearray(float_model)).subgraphs[0]
+    scopes = [get_op_scope(op, graph.tensors) for op in graph.operators]
+    samples = [{"args_0": torch.rand(1, 4, 8).numpy()} for _ in range(3)]
+    recipe = full_integer_recipe(int16_scopes=scopes, int8_ops=("TRANSPOSE",))
+    ranges = calibration_ranges(float_model, full_integer_recipe(), samples)
+    model = quantizer.Quantizer(float_model, recipe).quantize(ranges, enable_progress_report=False).quantized_model
+    interpreter = Interpreter(model_content=bytes(model))
+    types = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
+    outputs = {op["op_name"]: types[op["outputs"][0]] for op in interpreter._get_ops_details()}
+    assert outputs["TRANSPOSE"] == np.int8 and outputs["FULLY_CONNECTED"] == np.int16, outputs
+    assert SIGNATURE in interpreter.get_signature_list()

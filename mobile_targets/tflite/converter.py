@@ -230,6 +230,43 @@ def calibration_ranges(float_model: bytes, recipe: list[dict[str, Any]], samples
     return union.get_model_qsvs()
 
 
+def full_integer_recipe(
+    float_scopes: Sequence[str] = (),
+    integer_boundary: bool = False,
+    int16_scopes: Sequence[str] = (),
+    int8_ops: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """ai-edge-quantizer's static recipe: int8 weights per channel, int8 activations per tensor;
+    `int16_scopes` with int16 activations instead (w8a16) except the op types in `int8_ops`;
+    `float_scopes` left float; float32 inputs and outputs unless `integer_boundary`. The convert
+    stage's w8a8 uses the first two; benchmarks/tflite_w8a16.py measures the others."""
+    from ai_edge_quantizer import recipe_manager
+    from ai_edge_quantizer.qtyping import TFLOperationName
+
+    manager = recipe_manager.RecipeManager()
+    manager.add_static_config(
+        regex=".*", operation_name=TFLOperationName.ALL_SUPPORTED, activation_num_bits=8, weight_num_bits=8
+    )
+    if int16_scopes:
+        # one regex for both: a later regex overrides an earlier one whatever its op names, and
+        # within one regex a later op config overrides an earlier one
+        pattern = scope_pattern(int16_scopes)
+        manager.add_static_config(
+            regex=pattern, operation_name=TFLOperationName.ALL_SUPPORTED, activation_num_bits=16, weight_num_bits=8
+        )
+        for op in int8_ops:
+            manager.add_static_config(
+                regex=pattern, operation_name=TFLOperationName(op), activation_num_bits=8, weight_num_bits=8
+            )
+    if float_scopes:
+        pattern = scope_pattern(float_scopes)
+        manager.add_quantization_config(pattern, TFLOperationName.ALL_SUPPORTED, algorithm_key="no_quantize")
+    if not integer_boundary:
+        for boundary in (TFLOperationName.INPUT, TFLOperationName.OUTPUT):
+            manager.add_quantization_config(regex=".*", operation_name=boundary, algorithm_key="no_quantize")
+    return manager.get_quantization_recipe()
+
+
 def quantize_full_integer(float_model: bytes, part: PartToConvert, integer_io: bool) -> tuple[bytes, MixedPlan]:
     """ai-edge-quantizer's static int8 recipe (per-channel int8 weights, per-tensor int8
     activations), its ranges the min/max that the LiteRT interpreter sees over all of the part's
@@ -237,31 +274,17 @@ def quantize_full_integer(float_model: bytes, part: PartToConvert, integer_io: b
     `calibration_ranges`); where the all-int8 file misses its target on those inputs, the
     regions int8 costs the most keep float activations (`mixed_precision`)."""
     from ai_edge_litert.tools import flatbuffer_utils
-    from ai_edge_quantizer import quantizer, recipe_manager
-    from ai_edge_quantizer.qtyping import TFLOperationName
+    from ai_edge_quantizer import quantizer
     from ai_edge_quantizer.utils.tfl_flatbuffer_utils import get_op_scope
 
     if part.calibration is None:
         raise PipelineError(f"tflite w8a8 {part.name}: no calibration inputs")
 
-    def recipe(float_scopes: Sequence[str], integer_boundary: bool) -> list[dict[str, Any]]:
-        manager = recipe_manager.RecipeManager()
-        manager.add_static_config(
-            regex=".*", operation_name=TFLOperationName.ALL_SUPPORTED, activation_num_bits=8, weight_num_bits=8
-        )
-        if float_scopes:
-            pattern = scope_pattern(float_scopes)
-            manager.add_quantization_config(pattern, TFLOperationName.ALL_SUPPORTED, algorithm_key="no_quantize")
-        if not integer_boundary:
-            for boundary in (TFLOperationName.INPUT, TFLOperationName.OUTPUT):
-                manager.add_quantization_config(regex=".*", operation_name=boundary, algorithm_key="no_quantize")
-        return manager.get_quantization_recipe()
-
     samples = [{name: sample[name] for name in part.contract.input_names} for sample in part.calibration()]
-    ranges = calibration_ranges(float_model, recipe((), False), samples)
+    ranges = calibration_ranges(float_model, full_integer_recipe(), samples)
 
     def quantize(float_scopes: Sequence[str], integer_boundary: bool = False) -> bytes:
-        engine = quantizer.Quantizer(float_model, recipe(float_scopes, integer_boundary))
+        engine = quantizer.Quantizer(float_model, full_integer_recipe(float_scopes, integer_boundary))
         return bytes(engine.quantize(ranges, enable_progress_report=False).quantized_model)
 
     def answers(model: bytes) -> list[dict[str, np.ndarray]]:

@@ -6,9 +6,9 @@ a few dB and ruins every mask after it (sin and cos of coordinates quantized in 
 So the search measures what a region costs the part's output: the graph in operator order is cut
 into `REGIONS` runs of ops, each is made int8 alone (every other op float) and scored on the
 calibration inputs against the float model, and the costliest regions are kept float, one at a
-time, until the int8 rest holds the target. Float, not int16: LiteRT's int16 kernels aborted the
-process (an ADD whose inputs' scales differ by 2^11) or answered far worse than int8 on the
-encoder (docs/tflite.md).
+time, until the int8 rest holds the target. Float, not int16: an int16 ADD whose inputs' scales
+differ by 2^11 aborts LiteRT's process, and int16 activations lift the encoder only a few dB
+(benchmarks/tflite_w8a16.py, docs/tflite.md).
 """
 
 from __future__ import annotations
