@@ -630,3 +630,25 @@ def test_tflite_w8a16_recipe_keeps_the_named_op_types_int8():
     outputs = {op["op_name"]: types[op["outputs"][0]] for op in interpreter._get_ops_details()}
     assert outputs["TRANSPOSE"] == np.int8 and outputs["FULLY_CONNECTED"] == np.int16, outputs
     assert SIGNATURE in interpreter.get_signature_list()
+
+
+def test_tflite_int8_files_keep_small_weights_float(converted):
+    """`INT8_MIN_WEIGHTS`: no int8 constant under it in the int8 files (the prompt encoder's label
+    table and Gaussians, the IoU head's last layer stay float; int8 on them failed validate's int8
+    pair on box prompts), while the large weights are int8."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from mobile_targets.tflite.converter import INT8_MIN_WEIGHTS
+
+    manifest_path, manifest = converted
+    if manifest.target != "tflite":
+        pytest.skip("the TFLite int8 recipe")
+    for record in (r for r in manifest.artifacts if r.precision == "int8"):
+        model = flatbuffer_utils.read_model_from_bytearray(bytearray((manifest_path.parent / record.file).read_bytes()))
+        constants = [
+            int(np.prod(tensor.shape))
+            for tensor in model.subgraphs[0].tensors
+            if tensor.type == schema.TensorType.INT8 and model.buffers[tensor.buffer].data is not None
+        ]
+        assert constants and min(constants) >= INT8_MIN_WEIGHTS, (record.file, sorted(constants)[:5])

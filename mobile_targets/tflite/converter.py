@@ -95,7 +95,7 @@ def int8_recipe() -> list[dict[str, Any]]:
     GEMMs, which saves time for little embedding PSNR. The patch embedding, patch-merging and
     depthwise convolutions hold few parameters, yet int8 weights on them cost accuracy, and
     dynamic range on them bought no time (`benchmarks/tflite_int8_recipes.py` measures each
-    choice; docs/tflite.md has the figures).
+    choice; docs/tflite.md has the figures). Weights under `INT8_MIN_WEIGHTS` elements stay float.
     """
     from ai_edge_quantizer import recipe
 
@@ -109,13 +109,21 @@ def int8_recipe() -> list[dict[str, Any]]:
             "weight_tensor_config": {"num_bits": 16, "dtype": "FLOAT", "symmetric": True, "granularity": "TENSORWISE"},
         },
     }
-    return [
+    rules = [
         weight_only,
         {**dynamic, "operation": "FULLY_CONNECTED"},
         {**fp16_weights, "operation": "CONV_2D"},
         {**fp16_weights, "operation": "DEPTHWISE_CONV_2D"},
         *({**dynamic, "regex": regex, "operation": "CONV_2D"} for regex in INT8_CONVOLUTIONS),
     ]
+    return [{**rule, "op_config": {**rule["op_config"], "min_weight_elements": INT8_MIN_WEIGHTS}} for rule in rules]
+
+
+INT8_MIN_WEIGHTS = 2048
+"""Weights with fewer elements keep float in `int8_recipe`: the prompt encoder's label table (a
+one-hot product in the GPU-ready graph, `gpu_ready`) and Fourier Gaussians, the IoU head's last
+layer, the small one-hot matrices; a few KB. Quantized, they moved the decoder's box prompts enough
+for validate to fail the int8 pair on held-out photos (docs/tflite.md)."""
 
 
 INT8_CONVOLUTIONS = (".*MBConv.*", ".*Sequential_neck.*")
