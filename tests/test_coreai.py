@@ -196,19 +196,10 @@ def test_neural_engine_census_reads_the_core_ai_program(tmp_path):
 
     from mobile_targets.coreai.neural_engine import neural_engine_census
     from mobile_targets.neural_engine import RULES
-
-    class Small(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.dilated = torch.nn.Conv2d(2, 2, 3, dilation=2, padding=2)
-            self.register_buffer("rows", torch.tensor([2, 0, 1]), persistent=False)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            picked = torch.index_select(self.dilated(x), 2, self.rows)
-            return torch.sin(picked.float()).half() * 2.0
+    from tests.neural_engine_probe import RuleProbe
 
     example = torch.rand(1, 2, 3, 3).half()
-    program = torch.export.export(Small().half().eval(), (example,), strict=False)
+    program = torch.export.export(RuleProbe().half().eval(), (example,), strict=False)
     converter = coreai_torch.TorchConverter()
     converter.add_exported_program(
         program.run_decompositions(coreai_torch.get_decomp_table()), input_names=["x"], output_names=["y"]

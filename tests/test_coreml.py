@@ -337,20 +337,11 @@ def test_neural_engine_rules_each_find_their_op(tmp_path):
     from mobile_targets.coreml.neural_engine import neural_engine_census
     from mobile_targets.neural_engine import RULES
     from pipeline.export_wrappers import exported_program
-
-    class Small(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.dilated = torch.nn.Conv2d(2, 2, 3, dilation=2, padding=2)
-            self.register_buffer("rows", torch.tensor([2, 0, 1]), persistent=False)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            picked = torch.index_select(self.dilated(x), 2, self.rows)
-            return torch.sin(picked) * 2.0
+    from tests.neural_engine_probe import RuleProbe
 
     example = torch.rand(1, 2, 3, 3)
     model = ct.convert(
-        exported_program(Small().eval(), (example,)),
+        exported_program(RuleProbe().eval(), (example,)),
         inputs=[ct.TensorType(name="x", shape=example.shape)],
         convert_to="mlprogram",
         minimum_deployment_target=ct.target.iOS17,
