@@ -418,11 +418,11 @@ def test_litert_profiler_times_each_op_and_rejects_wrong_inputs(tmp_path):
     torch.manual_seed(0)
     contract = PartContract(
         "gemm",
-        inputs=(TensorSpec("x", (1, 64, 32), "float32", "activations"),),
+        inputs=(TensorSpec("x", (1, 64, 64), "float32", "activations"),),
         outputs=(TensorSpec("y", (1, 64, 48), "float32", "x @ weight.T + bias"),),
     )
-    x = torch.randn(1, 64, 32)
-    part = PartToConvert(torch.nn.Linear(32, 48).eval(), contract, (x,))
+    x = torch.randn(1, 64, 64)  # 64 x 48 weights: over INT8_MIN_WEIGHTS, so int8 in the int8 file
+    part = PartToConvert(torch.nn.Linear(64, 48).eval(), contract, (x,))
     target = get_target("tflite")
     expected = {"fp32": r"Fully Connected \(NC, F32\) GEMM", "int8": r"Fully Connected \(NC, QDU?8, F32, QC8W\) GEMM"}
     for precision, gemm in expected.items():
@@ -432,7 +432,7 @@ def test_litert_profiler_times_each_op_and_rejects_wrong_inputs(tmp_path):
         assert [(op.delegated, op.count) for op in profile.ops] == [(True, 1)], profile
         assert re.fullmatch(gemm, profile.ops[0].name), profile
         assert 0 < profile.ops[0].ms <= profile.total_ms
-    with pytest.raises(PipelineError, match=r"input 'x' has 4096 bytes \(float32\), the file's tensor takes 8192"):
+    with pytest.raises(PipelineError, match=r"input 'x' has 8192 bytes \(float32\), the file's tensor takes 16384"):
         profile_ops(path, {"x": x.numpy()[:, :32]}, threads=1)
     with pytest.raises(PipelineError, match="no input 'x' to profile with"):
         profile_ops(path, {"image": x.numpy()}, threads=1)
