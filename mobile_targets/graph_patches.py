@@ -35,7 +35,8 @@ def one_hot_bias_table(self: TinyVitAttention, anchor: torch.Tensor) -> torch.Te
     coremltools to `gather`, which the Neural Engine is known not to run: each of the encoder's
     gathers would cut the graph between accelerator and CPU. A one-hot product picks
     each value times 1 plus zeros: exact in fp32 and fp16 alike. The table keeps its run-time
-    anchor row (so no converter folds it into the full table) and stays compact."""
+    anchor row (so no converter folds it into the full table) and stays compact. Its tensors
+    are at most 4-D (`without_bias_gathers`' graphs meet the WebGPU delegate's rule too)."""
     heads, offsets = self.num_heads, self.bias_axis_offsets
     size = math.isqrt(offsets.shape[0])
     dtype = self.attention_biases.dtype
@@ -49,7 +50,8 @@ def one_hot_bias_table(self: TinyVitAttention, anchor: torch.Tensor) -> torch.Te
     pick_rows = torch.cat([self.pick_bias_rows.to(dtype), anchor_row], dim=0)
     by_rows = torch.matmul(pick_rows, table)[:, : size * size]  # [h, (i1, i2), dx]
     bias = torch.matmul(by_rows, self.pick_bias_columns.to(dtype))  # [h, (i1, i2), (j1, j2)]
-    bias = bias.view(heads, size, size, size, size).permute(0, 1, 3, 2, 4)  # [h, i1, j1, i2, j2]
+    # to [h, (i1, j1), (i2, j2)] through 4-D views: LiteRT's WebGPU delegate takes no 5-D tensor
+    bias = bias.view(heads * size, size, size, size).transpose(1, 2)  # [(h, i1), j1, i2, j2]
     return bias.reshape(heads, size * size, size * size)
 
 

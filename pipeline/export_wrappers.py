@@ -141,6 +141,11 @@ BatchRows = Callable[[torch.Tensor, int], torch.Tensor]
 """(rows with leading dimension 1, B) -> B copies: a converter may make them otherwise."""
 
 
+MaskProduct = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(hypernetwork outputs B x masks x C, upscaled embedding B x C x pixels) -> the masks' logits:
+a converter may split the product."""
+
+
 WeightedValues = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 """Attention's last step, (logits, values, key_keep) -> weighted values: a converter may swap
 in other arithmetic (TFLite's full-integer decoder normalizes after the product)."""
@@ -218,6 +223,7 @@ class PromptDecoderForExport(nn.Module):
         self.image_pe: ImagePe = image_pe_tokens_at_run_time  # likewise, for the next two
         self.label_embeddings: LabelEmbeddings = label_embeddings_as_masks
         self.batch_rows: BatchRows = expand_rows
+        self.mask_product: MaskProduct = torch.matmul
         grid_size = self.prompt_encoder.image_embedding_size[0]
         self.register_buffer("image_pe_axis_points", image_pe_axis_points(grid_size), persistent=False)
 
@@ -267,7 +273,7 @@ class PromptDecoderForExport(nn.Module):
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1
         )
         b, c, h, w = upscaled.shape
-        low_res_masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        low_res_masks = self.mask_product(hyper_in, upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
         iou_predictions = decoder.iou_prediction_head(iou_token_out)
         return low_res_masks, iou_predictions
 

@@ -140,17 +140,20 @@ def _block_with_channels_last_local_conv(
 
     Why: XNNPACK runs the convolution channels-last, so the converters add a transpose back to
     channels-first after it; the permute cancels that one, where timm's reshape in between kept
-    it and added a second (docs/benchmark.md has what it saves). The window partition,
-    attention and reverse are timm's (a window-sized input goes through the same partition, into
-    one window). `bias_anchor` goes to the attention (`_gather_biases_at_run_time`)."""
+    it and added a second (docs/benchmark.md has what it saves). The window partition and its
+    reverse move the same values as timm's through 4-D views (batch with window rows, a window's
+    columns with channels) where timm's are 6-D: LiteRT's WebGPU delegate takes no tensor of
+    more than 4 dimensions, so each 6-D view cut the graph between GPU and CPU (a window-sized
+    input goes through the same partition, into one window). `bias_anchor` goes to the
+    attention (`_gather_biases_at_run_time`)."""
     batch, height, width, channels = x.shape
     size = self.window_size
     pad_bottom, pad_right = (size - height % size) % size, (size - width % size) % size
     windows = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom)) if pad_bottom or pad_right else x
     rows, columns = (height + pad_bottom) // size, (width + pad_right) // size
-    windows = windows.view(batch, rows, size, columns, size, channels).transpose(2, 3)
+    windows = windows.reshape(batch * rows, size, columns, size * channels).transpose(1, 2)
     attended = self.attn(windows.reshape(batch * rows * columns, size * size, channels), bias_anchor)
-    attended = attended.view(batch, rows, columns, size, size, channels).transpose(2, 3)
+    attended = attended.view(batch * rows, columns, size, size * channels).transpose(1, 2)
     attended = attended.reshape(batch, rows * size, columns * size, channels)
     if pad_bottom or pad_right:
         attended = attended[:, :height, :width]

@@ -24,10 +24,10 @@ from validation.compat.matrix import build_matrix, read_report, record_in_manife
 from validation.compat.runtimes import QUICK_RUNTIMES, runtime_spec
 
 
-def _float_tflite(module: torch.nn.Module, sample: torch.Tensor) -> bytes:
+def _float_tflite(module: torch.nn.Module, *samples: torch.Tensor) -> bytes:
     import litert_torch
 
-    return bytes(litert_torch.convert(module.eval(), (sample,)).model_content())
+    return bytes(litert_torch.convert(module.eval(), samples).model_content())
 
 
 def _dynamic_int8(float_model: bytes) -> bytes:
@@ -264,3 +264,82 @@ def test_gpu_delegate_findings_fail_only_the_gpu_files():
     failures = report.gate_failures()
     assert len(failures) == 1 and "image_encoder_fp16.tflite: 1 ops not" in failures[0] and "GATHER_ND" in failures[0]
     assert "| unavailable: no pip |" in compat_markdown(report)
+
+
+LITERTJS = "litertjs-2.5.3-webgpu"
+
+
+def _needs_a_browser() -> None:
+    missing = [tool for tool in ("node", "npm", "chromium") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"LiteRT.js runs in Chromium from Node: {', '.join(missing)} missing (.ci/run installs them)")
+
+
+def test_litertjs_runs_the_gpu_ready_files_entirely_on_webgpu(tflite_converted, tmp_path):
+    """LiteRT.js on WebGPU in headless Chromium (SwiftShader, WebGPU's default 8192-texel texture
+    limit): the shipped fp32 encoder and decoder run with every op on WebGPU and pass their
+    self-test vectors, and the cell says where they ran."""
+    _needs_a_browser()
+    out = tmp_path / "out"
+    shutil.copytree(Path(tflite_converted).parent, out / "tflite")
+    manifest_path = out / "tflite" / "manifest.json"
+    raw = json.loads(manifest_path.read_text())
+    kept = ("image_encoder_fp32.tflite", "prompt_decoder_fp32.tflite")
+    raw["artifacts"] = [item for item in raw["artifacts"] if item["file"] in kept]
+    manifest_path.write_text(json.dumps(raw))
+
+    report = build_matrix(out, [runtime_spec(LITERTJS)])
+    cells = {c.file: c for c in report.cells}
+    assert set(cells) == set(kept)
+    for cell in cells.values():
+        assert cell.verdict == "pass", cell
+        assert "all ops on WebGPU" in cell.detail and "swiftshader" in cell.detail, cell.detail
+    assert report.runtimes[0].version == "2.5.3"
+
+
+def test_litertjs_answers_wrong_past_the_texture_limit_and_the_blocks_fix_it(tmp_path):
+    """Why the decoders take their masks in column blocks: in LiteRT.js on an adapter with
+    WebGPU's default texture limit, a 4 x 32 @ 32 x 65536 product (the single-prompt decoder's
+    mask product) logs a validation error and returns wrong values with no error; the same
+    product in `mask_product_in_column_blocks` is right."""
+    import subprocess
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    from mobile_targets.tflite.gpu_ready import mask_product_in_column_blocks
+    from validation.compat.matrix import WORKER
+    from validation.compat.runtimes import environment_python
+
+    _needs_a_browser()
+    python = environment_python(runtime_spec(LITERTJS))
+    torch.manual_seed(0)
+    hyper, upscaled = torch.randn(1, 4, 32), torch.randn(1, 32, 65536)
+    expected = (hyper @ upscaled).numpy()
+
+    class Product(torch.nn.Module):
+        def __init__(self, product) -> None:
+            super().__init__()
+            self.product = product
+
+        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return self.product(a, b)
+
+    answers = {}
+    for name, product in (("whole", torch.matmul), ("blocks", mask_product_in_column_blocks)):
+        model = tmp_path / f"{name}.tflite"
+        model.write_bytes(_float_tflite(Product(product), hyper, upscaled))
+        names = list(Interpreter(model_path=str(model)).get_signature_runner("serving_default").get_input_details())
+        inputs, outputs = tmp_path / f"{name}-in.npz", tmp_path / f"{name}-out.npz"
+        np.savez(inputs, **{f"case0.{names[0]}": hyper.numpy(), f"case0.{names[1]}": upscaled.numpy()})
+        command = [str(python), str(WORKER), "--loader", "litertjs_webgpu", "--model", str(model)]
+        done = subprocess.run(
+            [*command, "--inputs", str(inputs), "--outputs", str(outputs)], capture_output=True, text=True
+        )
+        status = json.loads(done.stdout.strip().splitlines()[-1])
+        assert status["status"] == "ok", status
+        with np.load(outputs) as archive:
+            answers[name] = (float(np.abs(archive[archive.files[0]].reshape(expected.shape) - expected).max()), status)
+    error, status = answers["whole"]
+    assert error > 1.0 and "over the adapter's limit" in status["note"], answers["whole"]
+    error, status = answers["blocks"]
+    assert error < 1e-4 and "all ops on WebGPU" in status["note"] and "limit" not in status["note"].split(";", 1)[1]

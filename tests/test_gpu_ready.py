@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mobile_targets.convert import build_parts
-from mobile_targets.tflite.gpu_ready import gpu_ready
+from mobile_targets.tflite.gpu_ready import gpu_ready, mask_product_in_column_blocks, tiled_by_concatenation
 from pipeline.config import RunConfig
 from pipeline.processing import prepare_image
 
@@ -37,6 +37,45 @@ def test_gpu_ready_decoders_are_bit_exact(parts):
             with torch.no_grad():
                 expected, actual = part.module(*inputs), patched(*inputs)
             assert all(torch.equal(a, b) for a, b in zip(expected, actual, strict=True)), (part.name, case.kind)
+
+
+def test_tiling_and_mask_blocks_are_exact_for_any_size():
+    """A power of two of copies, and a count that leaves a remainder; a mask product whose columns
+    are not a multiple of the block."""
+    part = torch.randn(5, 1, 3)
+    for times in (1, 2, 8, 13):
+        assert torch.equal(tiled_by_concatenation(part, times, dim=1), part.repeat(1, times, 1))
+    hyper, upscaled = torch.randn(2, 4, 32), torch.randn(2, 32, 40000)
+    assert torch.allclose(mask_product_in_column_blocks(hyper, upscaled), hyper @ upscaled, rtol=0, atol=1e-5)
+
+
+def _webgpu_rule_breaches(path) -> list[str]:
+    """What LiteRT's WebGPU delegate names when it refuses an op, read off the file: a tensor of
+    more than 4 dimensions, a BATCH_MATMUL with a constant operand."""
+    from ai_edge_litert.tools import flatbuffer_utils
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(path))
+    graph = model.subgraphs[0]
+    breaches = [f"tensor {t.name.decode()} is {len(t.shape)}-D" for t in graph.tensors if len(t.shape) > 4]
+    for index, op in enumerate(graph.operators):
+        code = model.operatorCodes[op.opcodeIndex]
+        kind = str(tfl_flatbuffer_utils.TFL_OP_CODE_TO_NAME.get(max(code.builtinCode, code.deprecatedBuiltinCode)))
+        constant = [t for t in op.inputs if t >= 0 and model.buffers[graph.tensors[t].buffer].data is not None]
+        if kind.endswith("BATCH_MATMUL") and any(len(model.buffers[graph.tensors[t].buffer].data) for t in constant):
+            breaches.append(f"op {index} BATCH_MATMUL has a constant operand")
+    return breaches
+
+
+def test_gpu_ready_files_meet_the_webgpu_delegates_rules(tflite_converted):
+    """Every fp32 and fp16 file the convert stage ships: no op LiteRT.js's WebGPU delegate refuses
+    by its shape rules (what `validation.compat`'s LiteRT.js column runs)."""
+    from pipeline.manifest import read_manifest
+
+    folder = tflite_converted.parent
+    files = [r.file for r in read_manifest(tflite_converted).artifacts if r.precision in ("fp32", "fp16")]
+    assert files
+    assert {file: _webgpu_rule_breaches(folder / file) for file in files} == {file: [] for file in files}
 
 
 @pytest.mark.slow

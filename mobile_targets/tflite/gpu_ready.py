@@ -4,7 +4,9 @@ it replaces (tests/test_gpu_ready.py) and each saying which delegate rule it mee
 The GPU delegate's rules are TensorFlow Lite's `gpu_compatibility` checks (what
 `tf.lite.experimental.Analyzer.analyze(..., gpu_compatibility=True)` reports): no GATHER_ND, SLICE
 only on 3-D or 4-D tensors, a MUL's operands broadcast one way only (one of them at least as large
-as the other in every dimension), no BROADCAST_TO.
+as the other in every dimension), no BROADCAST_TO. LiteRT's WebGPU delegate (LiteRT.js, run by
+`validation.compat`) adds its own: no tensor of more than 4 dimensions, no BATCH_MATMUL with a
+constant operand, no texture wider than WebGPU's default limit.
 """
 
 from __future__ import annotations
@@ -30,6 +32,23 @@ def one_hot_label_embeddings(prompt_encoder: torch.nn.Module, labels: torch.Tens
     return torch.matmul(one_hot, table)
 
 
+def tiled_by_concatenation(part: torch.Tensor, times: int, dim: int) -> torch.Tensor:
+    """`part` repeated `times` times along `dim`, by concatenations that double it (and a slice
+    of the result for what a power of two leaves over).
+
+    Why: `repeat` and `expand` export as BROADCAST_TO, which the GPU delegate refuses, and a
+    product with a constant column of ones as a BATCH_MATMUL with a constant operand, which
+    LiteRT's WebGPU delegate refuses ("Not supported batched mat mul case"); both delegates run
+    CONCATENATION. Copies: exact."""
+    size = part.shape[dim] * times
+    whole = part
+    while whole.shape[dim] * 2 <= size:
+        whole = torch.cat([whole, whole], dim=dim)
+    if whole.shape[dim] < size:
+        whole = torch.cat([whole, whole.narrow(dim, 0, size - whole.shape[dim])], dim=dim)
+    return whole
+
+
 def image_pe_tokens_tiled(
     pe_layer: torch.nn.Module, axis_points: torch.Tensor, anchor_points: torch.Tensor
 ) -> torch.Tensor:
@@ -39,15 +58,13 @@ def image_pe_tokens_tiled(
     Why: there the per-axis terms are 2-D slices of the encoding and the products multiply a
     (1, g, 128) column term by a (g, 1, 128) row term, a MUL broadcast both ways; the GPU delegate
     takes neither. Tiled, each product has one full-size operand; the values are the same. The
-    tiling is a product with a column of ones (`repeat` and `expand` export as BROADCAST_TO, which
-    the delegate refuses too): one term per value, times 1, exact."""
+    tiling is `tiled_by_concatenation`: copies, exact."""
     grid_size = axis_points.shape[1] // 2
     encoded = pe_layer._pe_encoding(torch.cat([axis_points, anchor_points[:1]], dim=1))[:, : 2 * grid_size]
     half = encoded.shape[-1] // 2
     sin_u, cos_u = encoded[:, :grid_size, :half], encoded[:, :grid_size, half:]  # (1, g, half): columns
-    ones = torch.ones(grid_size, 1, dtype=encoded.dtype)
-    rows = torch.matmul(ones, encoded[:, grid_size:].reshape(grid_size, 1, 2 * half))  # (g, g, 2 half), 1 x v
-    sin_v, cos_v = rows[:, :, :half], rows[:, :, half:]
+    rows = tiled_by_concatenation(encoded[:, grid_size:].reshape(grid_size, 1, 2 * half), grid_size, dim=1)
+    sin_v, cos_v = rows[:, :, :half], rows[:, :, half:]  # (g, g, half): rows
     sin_uv = sin_v * cos_u + cos_v * sin_u
     cos_uv = cos_v * cos_u - sin_v * sin_u
     return torch.cat([sin_uv, cos_uv], dim=-1).reshape(1, grid_size * grid_size, 2 * half)
@@ -65,14 +82,38 @@ def rows_times_ones(rows: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.matmul(ones, rows.reshape(1, -1)).reshape(batch, *rows.shape[1:])
 
 
+WEBGPU_TEXTURE_TEXELS = 8192
+"""WebGPU's default `maxTextureDimension2D`: the widest 2-D texture every adapter must offer."""
+MASK_PRODUCT_COLUMNS = 2 * WEBGPU_TEXTURE_TEXELS
+"""Columns of the upscaled embedding per mask product: a texture of half the default limit (four
+values a texel)."""
+
+
+def mask_product_in_column_blocks(hyper_in: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
+    """hyper_in @ upscaled (B x masks x 32 @ B x 32 x 65536) as one product per block of
+    `MASK_PRODUCT_COLUMNS` columns, concatenated.
+
+    Why: LiteRT's WebGPU delegate (LiteRT.js) stores the 32 x 65536 operand as a texture 16384
+    texels wide, over WebGPU's default limit; on an adapter at that limit (SwiftShader) it logs a
+    validation error and returns wrong masks. Each mask value is the same 32-term dot product in
+    its block as in the whole: exact."""
+    columns = upscaled.shape[-1]
+    if columns <= MASK_PRODUCT_COLUMNS:
+        return torch.matmul(hyper_in, upscaled)
+    blocks = [upscaled[:, :, start : start + MASK_PRODUCT_COLUMNS] for start in range(0, columns, MASK_PRODUCT_COLUMNS)]
+    return torch.cat([torch.matmul(hyper_in, block) for block in blocks], dim=-1)
+
+
 def gpu_ready(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of an export wrapper (or anything holding one) with every patch: the encoder's biases
     without gathers (`mobile_targets.graph_patches.without_bias_gathers`); the decoder's
-    `one_hot_label_embeddings`, `image_pe_tokens_tiled` and `rows_times_ones`."""
+    `one_hot_label_embeddings`, `image_pe_tokens_tiled`, `rows_times_ones` and
+    `mask_product_in_column_blocks`."""
     patched = without_bias_gathers(module)
     for child in patched.modules():
         if isinstance(child, PromptDecoderForExport):
             child.label_embeddings = one_hot_label_embeddings
             child.image_pe = image_pe_tokens_tiled
             child.batch_rows = rows_times_ones
+            child.mask_product = mask_product_in_column_blocks
     return patched

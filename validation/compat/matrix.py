@@ -235,9 +235,10 @@ def run_in_runtime(
     summary = ", ".join(f"{name} >= {value:.1f} dB" for name, value in worst.items())
     if ious:
         summary += f", mask IoU >= {min(ious):.3f}"
+    where = f" ({status['note']})" if status.get("note") else ""
     if misses:
-        return cell("wrong", "; ".join(misses))
-    return cell("pass", summary)
+        return cell("wrong", "; ".join(misses) + where)
+    return cell("pass", summary + where)
 
 
 def coreml_checks(out: Path) -> list[CoreMLCheck]:

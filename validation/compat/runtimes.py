@@ -10,6 +10,7 @@ never reach an app) to run and answer wrong in each.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -40,11 +41,16 @@ class RuntimeSpec:
     loader: str
     """The worker's loader (`worker.LOADERS`): which Python API of the runtime opens a file."""
     note: str = ""
+    npm: tuple[str, ...] = ()
+    """npm packages installed into the environment's `web/` folder (a browser runtime: the worker
+    drives it through Node and headless Chromium)."""
 
     @property
     def label(self) -> str:
         return f"{self.name}" + (f" ({self.note})" if self.note else "")
 
+
+LITERTJS_VERSION = "2.5.3"
 
 CATALOG: tuple[RuntimeSpec, ...] = (
     RuntimeSpec(
@@ -63,6 +69,14 @@ CATALOG: tuple[RuntimeSpec, ...] = (
         "tensorflow-cpu-2.16.2", "tflite", ("tensorflow-cpu==2.16.2", "numpy<2"), "tensorflow", "tf.lite.Interpreter"
     ),
     RuntimeSpec("tensorflow-cpu-2.21.0", "tflite", ("tensorflow-cpu==2.21.0",), "tensorflow", "tf.lite.Interpreter"),
+    RuntimeSpec(
+        "litertjs-2.5.3-webgpu",
+        "tflite",
+        ("numpy",),
+        "litertjs_webgpu",
+        "LiteRT.js on WebGPU in headless Chromium (SwiftShader adapter): a web app's GPU path",
+        npm=(f"@litertjs/core@{LITERTJS_VERSION}", "puppeteer-core@25.19.0"),
+    ),
     RuntimeSpec(
         "executorch-1.5.1",
         "executorch",
@@ -109,7 +123,7 @@ def environments_root() -> Path:
 
 
 def _stamp(spec: RuntimeSpec) -> str:
-    return hashlib.sha256("\n".join((sys.version, *spec.requirements)).encode()).hexdigest()
+    return hashlib.sha256("\n".join((sys.version, *spec.requirements, *spec.npm)).encode()).hexdigest()
 
 
 def environment_python(spec: RuntimeSpec, root: Path | None = None) -> Path:
@@ -128,24 +142,39 @@ def environment_python(spec: RuntimeSpec, root: Path | None = None) -> Path:
         folder.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PipelineError(f"cannot create the runtime environments folder {folder.parent}: {error}") from None
-    steps = (
+    steps = [
         [sys.executable, "-m", "venv", str(folder)],
         [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *spec.requirements],
         [str(python), "-c", f"import {IMPORT_CHECKS[spec.loader]}"],
-    )
+    ]
+    if spec.npm:
+        npm = shutil.which("npm")
+        if npm is None:
+            raise PipelineError(
+                f"cannot build the {spec.name} environment: npm not found (Debian: apt-get install npm)"
+            )
+        steps.append([npm, "install", "--prefix", str(folder / "web"), "--no-audit", "--no-fund", *spec.npm])
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True)
         if done.returncode != 0:
             shutil.rmtree(folder, ignore_errors=True)
             lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
             last = lines[-1] if lines else f"exit {done.returncode}"
-            raise PipelineError(f"cannot build the {spec.name} environment ({' '.join(spec.requirements)}): {last}")
+            wanted = " ".join((*spec.requirements, *spec.npm))
+            raise PipelineError(f"cannot build the {spec.name} environment ({wanted}): {last}")
     stamp_file.write_text(_stamp(spec))
     return python
 
 
 def installed_version(python: Path, package: str) -> str:
-    """The version pip installed into an environment (`1.0.1`), for the report."""
+    """The version pip (or npm, for an `@scope/name` package) installed into an environment
+    (`1.0.1`), for the report."""
+    if package.startswith("@"):
+        manifest = python.parent.parent / "web" / "node_modules" / package / "package.json"
+        try:
+            return str(json.loads(manifest.read_text())["version"])
+        except (OSError, ValueError, KeyError):
+            return "unknown"
     done = subprocess.run(
         [str(python), "-c", f"from importlib.metadata import version; print(version({package!r}))"],
         capture_output=True,
@@ -159,6 +188,7 @@ IMPORT_CHECKS = {
     "tflite_runtime": "tflite_runtime.interpreter",
     "tensorflow": "tensorflow.lite",
     "executorch": "executorch.runtime",
+    "litertjs_webgpu": "numpy",
 }
 """Loader -> the module a built environment must import (a broken build fails here, not as a
 runtime that refuses every file)."""
@@ -168,5 +198,6 @@ PACKAGES = {
     "tflite_runtime": "tflite-runtime",
     "tensorflow": "tensorflow-cpu",
     "executorch": "executorch",
+    "litertjs_webgpu": "@litertjs/core",
 }
 """Loader -> the pip package whose installed version the report names."""

@@ -9,15 +9,21 @@ scores them with the self-test checks.
 
 IN.npz holds `case<i>.<input name>` arrays; OUT.npz gets `case<i>.<output name>` (TFLite
 signature names) or `case<i>.<output position>` (ExecuTorch). The last stdout line is one JSON
-object: {"status": "ok"} or {"status": "refused", "stage": "load"|"run", "error": "<one line>"}.
+object: {"status": "ok"} (LiteRT.js adds "note": where the graph ran) or {"status": "refused",
+"stage": "load"|"run", "error": "<one line>"}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,7 +74,87 @@ def load_executorch(model: str, order: list[str]) -> Callable[[dict[str, np.ndar
     return run
 
 
-LOADERS = ("ai_edge_litert", "tflite_runtime", "tensorflow", "executorch")
+LITERTJS = Path(__file__).with_name("litertjs")
+"""The Node script and page that run a file in LiteRT.js inside headless Chromium."""
+LITERTJS_TIMEOUT_S = 1500
+TEXTURE_TOO_LARGE = re.compile(r"Texture size \(\[Extent3D width:(\d+), height:(\d+).*exceeded maximum")
+GPU_SPLIT = re.compile(r"(\d+) operations will run on the GPU, and the remaining (\d+) operations will run on the CPU")
+
+
+def refused_ops(log: list[str]) -> str:
+    """The delegate's list of ops it will not run, one entry per op and reason with its count
+    ("RESHAPE: Tensor dimensions must be less than 5 (x40)")."""
+    counts: dict[str, int] = {}
+    listing = False
+    for line in log:
+        if "not supported by GPU delegate" in line:
+            listing = True
+        elif listing and GPU_SPLIT.search(line):
+            listing = False
+        elif listing and ":" in line:
+            op, reason = line.split(":", 1)
+            reason = re.sub(r'\s*"?\bt\d+\b"?', "", reason).strip().rstrip(".")  # tensor names vary
+            key = f"{op.strip()}: {reason}"
+            counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{key} (x{count})" for key, count in counts.items())
+
+
+def run_litertjs(model: str, cases: dict[int, dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], str]:
+    """Every case through LiteRT.js on WebGPU in headless Chromium, in one browser session; the
+    outputs, and a note: the adapter, how much of the graph WebGPU took, the WebGPU errors seen
+    (a browser logs them and goes on: the answers say whether they mattered)."""
+    node, chromium = shutil.which("node"), shutil.which("chromium") or shutil.which("chromium-browser")
+    if node is None or chromium is None:
+        raise RuntimeError(f"needs Node and Chromium on PATH (node: {node}, chromium: {chromium})")
+    with tempfile.TemporaryDirectory(prefix="litertjs-") as scratch:
+        work = Path(scratch)
+        for name in ("runner.mjs", "page.html"):
+            shutil.copy(LITERTJS / name, work / name)
+        (work / "node_modules").symlink_to(Path(sys.prefix) / "web" / "node_modules")
+        listing = []
+        for index in sorted(cases):
+            inputs = []
+            for name, value in cases[index].items():
+                file = f"case{index}.{name}.bin"
+                (work / file).write_bytes(np.ascontiguousarray(value, dtype=np.float32).tobytes())
+                inputs.append({"name": name, "shape": list(value.shape), "file": file})
+            listing.append(inputs)
+        (work / "cases.json").write_text(json.dumps(listing))
+        command = [node, str(work / "runner.mjs"), "--model", str(Path(model).resolve()), "--chromium", chromium]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=LITERTJS_TIMEOUT_S)
+        report = work / "out" / "run.json"
+        if not report.exists():
+            lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+            raise RuntimeError(f"the browser run ended without a result: {lines[-1] if lines else done.returncode}")
+        result = json.loads(report.read_text())
+        if result["status"] != "ok":
+            raise RuntimeError(f"{result['stage']}: {result['error']}")
+        outputs = {}
+        for index, shapes in enumerate(result["outputs"]):
+            for name, spec in shapes.items():
+                raw = (work / "out" / f"case{index}.{name}.bin").read_bytes()
+                dtype = {"Float32Array": np.float32, "Int32Array": np.int32, "Int8Array": np.int8}[spec["dtype"]]
+                outputs[f"case{index}.{name}"] = np.frombuffer(raw, dtype=dtype).reshape(spec["shape"])
+    log = result.get("log", [])
+    split = [GPU_SPLIT.search(line) for line in log]
+    on_gpu = [(int(m.group(1)), int(m.group(2))) for m in split if m]
+    where = "all ops on WebGPU" if result["fully_accelerated"] else "partly on WebGPU"
+    if on_gpu:
+        gpu, cpu = on_gpu[0]
+        where = f"{gpu} of {gpu + cpu} ops on WebGPU, the rest on WASM" if cpu else "all ops on WebGPU"
+    textures = sorted({f"{m.group(1)} x {m.group(2)}" for m in map(TEXTURE_TOO_LARGE.search, log) if m})
+    errors = [f"textures of {', '.join(textures)} texels over the adapter's limit"] if textures else []
+    errors += sorted({line.split(" - ")[0][:120] for line in log if "validation error" in line.lower()})
+    note = f"adapter {result['adapter']} (max 2-D texture {result['max_texture_2d']}); {where}"
+    refused = refused_ops(log)
+    if refused:
+        note += f"; WebGPU refused: {refused}"
+    if errors:
+        note += f"; WebGPU errors: {', '.join(errors)}"
+    return outputs, note
+
+
+LOADERS = ("ai_edge_litert", "tflite_runtime", "tensorflow", "executorch", "litertjs_webgpu")
 
 
 def main() -> int:
@@ -85,6 +171,15 @@ def main() -> int:
     for key, value in arrays.items():
         index, name = key.split(".", 1)
         cases.setdefault(int(index.removeprefix("case")), {})[name] = value
+    if args.loader == "litertjs_webgpu":
+        try:
+            outputs, note = run_litertjs(args.model, cases)
+        except Exception as error:  # the browser refused the file (load or run): one line
+            print(json.dumps({"status": "refused", "stage": "run", "error": _one_line(error)}))
+            return 0
+        np.savez(args.outputs, **outputs)
+        print(json.dumps({"status": "ok", "note": note}))
+        return 0
     try:
         if args.loader == "executorch":
             run = load_executorch(args.model, args.order.split(","))
