@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from mobile_targets.graph_patches import without_bias_gathers
-from pipeline.export_wrappers import PromptDecoderForExport
+from pipeline.export_wrappers import PromptDecoderForExport, softmax_times_kept_values
 
 
 def one_hot_label_embeddings(prompt_encoder: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
@@ -104,11 +104,38 @@ def mask_product_in_column_blocks(hyper_in: torch.Tensor, upscaled: torch.Tensor
     return torch.cat([torch.matmul(hyper_in, block) for block in blocks], dim=-1)
 
 
+def weighted_values_in_prompt_blocks(
+    logits: torch.Tensor, values: torch.Tensor, key_keep: torch.Tensor | None
+) -> torch.Tensor:
+    """`pipeline.export_wrappers.softmax_times_kept_values` taken per block of prompts, each
+    block's values (blocks x heads x keys x 16) at most `WEBGPU_TEXTURE_TEXELS` texels high.
+
+    Why: LiteRT's WebGPU delegate stores a product's right operand as a texture (batch x keys) / 4
+    texels high: one prompt's token-to-image values (8 heads x 4096 keys) fill the default limit
+    exactly, and the batched decoder's B prompts went B times over it and answered wrong without
+    an error. Each block is the same softmax and products for its prompts: exact."""
+    batch, heads, _, keys = logits.shape
+    block = max(1, 4 * WEBGPU_TEXTURE_TEXELS // (heads * keys))
+    if batch <= block:
+        return softmax_times_kept_values(logits, values, key_keep)
+    return torch.cat(
+        [
+            softmax_times_kept_values(
+                logits[start : start + block],
+                values[start : start + block],
+                None if key_keep is None else key_keep[start : start + block],
+            )
+            for start in range(0, batch, block)
+        ],
+        dim=0,
+    )
+
+
 def gpu_ready(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of an export wrapper (or anything holding one) with every patch: the encoder's biases
     without gathers (`mobile_targets.graph_patches.without_bias_gathers`); the decoder's
-    `one_hot_label_embeddings`, `image_pe_tokens_tiled`, `rows_times_ones` and
-    `mask_product_in_column_blocks`."""
+    `one_hot_label_embeddings`, `image_pe_tokens_tiled`, `rows_times_ones`,
+    `mask_product_in_column_blocks` and `weighted_values_in_prompt_blocks`."""
     patched = without_bias_gathers(module)
     for child in patched.modules():
         if isinstance(child, PromptDecoderForExport):
@@ -116,4 +143,5 @@ def gpu_ready(module: torch.nn.Module) -> torch.nn.Module:
             child.image_pe = image_pe_tokens_tiled
             child.batch_rows = rows_times_ones
             child.mask_product = mask_product_in_column_blocks
+            child.weighted_values = weighted_values_in_prompt_blocks
     return patched
