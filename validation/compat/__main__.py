@@ -13,14 +13,17 @@ from pathlib import Path
 
 from pipeline.cli import exit_status, run_main, setup_logging
 from validation.compat.matrix import build_matrix, record_in_manifests, write_report
-from validation.compat.runtimes import DEFAULT_RUNTIMES, runtime_spec
+from validation.compat.runtimes import DEFAULT_RUNTIMES, OPT_IN_RUNTIMES, runtime_spec
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m validation.compat", description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("artifacts"), help="convert output folder")
     parser.add_argument(
-        "--runtimes", nargs="+", default=list(DEFAULT_RUNTIMES), help=f"some of {', '.join(DEFAULT_RUNTIMES)}"
+        "--runtimes",
+        nargs="+",
+        default=list(DEFAULT_RUNTIMES),
+        help=f"default: {', '.join(DEFAULT_RUNTIMES)}; named only: {', '.join(OPT_IN_RUNTIMES)}",
     )
     parser.add_argument("--no-manifest-update", action="store_true", help="leave the manifests as they are")
     args = parser.parse_args()

@@ -144,7 +144,7 @@ def run_litertjs(model: str, cases: dict[int, dict[str, np.ndarray]]) -> tuple[d
         where = f"{gpu} of {gpu + cpu} ops on WebGPU, the rest on WASM" if cpu else "all ops on WebGPU"
     textures = sorted({f"{m.group(1)} x {m.group(2)}" for m in map(TEXTURE_TOO_LARGE.search, log) if m})
     errors = [f"textures of {', '.join(textures)} texels over the adapter's limit"] if textures else []
-    errors += sorted({line.split(" - ")[0][:120] for line in log if "validation error" in line.lower()})
+    errors += sorted({line[:120] for line in log if "exceeds max" in line or "validation error" in line.lower()})
     note = f"adapter {result['adapter']} (max 2-D texture {result['max_texture_2d']}); {where}"
     refused = refused_ops(log)
     if refused:
