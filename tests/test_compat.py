@@ -277,15 +277,16 @@ def _needs_a_browser() -> None:
 
 def test_litertjs_runs_the_gpu_ready_files_entirely_on_webgpu(tflite_converted, tmp_path):
     """LiteRT.js on WebGPU in headless Chromium (SwiftShader, WebGPU's default 8192-texel texture
-    limit): the shipped fp32 encoder, decoder and batched decoder (B = 4: four prompts' values
-    were a texture four times over the limit before `weighted_values_in_prompt_blocks`) run with
-    every op on WebGPU and pass their self-test vectors, and the cell says where they ran."""
+    limit): the shipped fp32 decoder and batched decoder (B = 4: four prompts' values were a
+    texture four times over the limit before `weighted_values_in_prompt_blocks`) run with every op
+    on WebGPU and pass their self-test vectors, and the cell says where they ran. (The encoder,
+    whose shapes `test_gpu_ready` checks, takes minutes on SwiftShader: `nox -s compat` runs it.)"""
     _needs_a_browser()
     out = tmp_path / "out"
     shutil.copytree(Path(tflite_converted).parent, out / "tflite")
     manifest_path = out / "tflite" / "manifest.json"
     raw = json.loads(manifest_path.read_text())
-    kept = ("image_encoder_fp32.tflite", "prompt_decoder_fp32.tflite", "prompt_decoder_b4_fp32.tflite")
+    kept = ("prompt_decoder_fp32.tflite", "prompt_decoder_b4_fp32.tflite")
     raw["artifacts"] = [item for item in raw["artifacts"] if item["file"] in kept]
     manifest_path.write_text(json.dumps(raw))
 
