@@ -100,9 +100,9 @@ def refused_ops(log: list[str]) -> str:
 
 
 def run_litertjs(model: str, cases: dict[int, dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], str]:
-    """Every case through LiteRT.js on WebGPU in headless Chromium, in one browser session; the
-    outputs, and a note: the adapter, how much of the graph WebGPU took, the WebGPU errors seen
-    (a browser logs them and goes on: the answers say whether they mattered)."""
+    """Every case through LiteRT.js on WebGPU in headless Chromium, in one browser session: the
+    outputs and `where_it_ran` (a browser logs WebGPU errors and goes on: the answers say whether
+    they mattered)."""
     node, chromium = shutil.which("node"), shutil.which("chromium") or shutil.which("chromium-browser")
     if node is None or chromium is None:
         raise RuntimeError(f"needs Node and Chromium on PATH (node: {node}, chromium: {chromium})")
@@ -135,6 +135,12 @@ def run_litertjs(model: str, cases: dict[int, dict[str, np.ndarray]]) -> tuple[d
                 raw = (work / "out" / f"case{index}.{name}.bin").read_bytes()
                 dtype = {"Float32Array": np.float32, "Int32Array": np.int32, "Int8Array": np.int8}[spec["dtype"]]
                 outputs[f"case{index}.{name}"] = np.frombuffer(raw, dtype=dtype).reshape(spec["shape"])
+    return outputs, where_it_ran(result)
+
+
+def where_it_ran(result: dict[str, Any]) -> str:
+    """The cell's note from the page's result and the browser's log: the adapter, how much of the
+    graph WebGPU took, what it refused and the WebGPU errors the browser logged."""
     log = result.get("log", [])
     split = [GPU_SPLIT.search(line) for line in log]
     on_gpu = [(int(m.group(1)), int(m.group(2))) for m in split if m]
@@ -151,7 +157,7 @@ def run_litertjs(model: str, cases: dict[int, dict[str, np.ndarray]]) -> tuple[d
         note += f"; WebGPU refused: {refused}"
     if errors:
         note += f"; WebGPU errors: {', '.join(errors)}"
-    return outputs, note
+    return note
 
 
 LOADERS = ("ai_edge_litert", "tflite_runtime", "tensorflow", "executorch", "litertjs_webgpu")
