@@ -299,49 +299,77 @@ def test_litertjs_runs_the_gpu_ready_files_entirely_on_webgpu(tflite_converted, 
     assert report.runtimes[0].version == "2.5.3"
 
 
+class _Applied(torch.nn.Module):
+    def __init__(self, function) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.function(*inputs)
+
+
+def _run_in_litertjs(function, inputs: tuple[torch.Tensor, ...], folder: Path) -> tuple[float, dict]:
+    """`function` converted to a float `.tflite` and run once in LiteRT.js on WebGPU by the compat
+    worker: its largest difference from PyTorch, and the worker's status (its note says where the
+    graph ran and the WebGPU errors the browser logged)."""
+    import subprocess
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    from validation.compat.matrix import WORKER
+    from validation.compat.runtimes import environment_python
+
+    folder.mkdir()
+    with torch.no_grad():
+        expected = function(*inputs).numpy()
+    model = folder / "model.tflite"
+    model.write_bytes(_float_tflite(_Applied(function).eval(), *inputs))
+    names = list(Interpreter(model_path=str(model)).get_signature_runner("serving_default").get_input_details())
+    feeds, answers = folder / "in.npz", folder / "out.npz"
+    np.savez(feeds, **{f"case0.{name}": value.numpy() for name, value in zip(names, inputs, strict=True)})
+    python = environment_python(runtime_spec(LITERTJS))
+    command = [str(python), str(WORKER), "--loader", "litertjs_webgpu", "--model", str(model)]
+    done = subprocess.run([*command, "--inputs", str(feeds), "--outputs", str(answers)], capture_output=True, text=True)
+    status = json.loads(done.stdout.strip().splitlines()[-1])
+    assert status["status"] == "ok", status
+    with np.load(answers) as archive:
+        return float(np.abs(archive[archive.files[0]].reshape(expected.shape) - expected).max()), status
+
+
+def _no_webgpu_errors(status: dict) -> bool:
+    return "all ops on WebGPU" in status["note"] and "WebGPU errors" not in status["note"]
+
+
 def test_litertjs_answers_wrong_past_the_texture_limit_and_the_blocks_fix_it(tmp_path):
     """Why the decoders take their masks in column blocks: in LiteRT.js on an adapter with
     WebGPU's default texture limit, a 4 x 32 @ 32 x 65536 product (the single-prompt decoder's
     mask product) logs a validation error and returns wrong values with no error; the same
     product in `mask_product_in_column_blocks` is right."""
-    import subprocess
-
-    from ai_edge_litert.interpreter import Interpreter
-
     from mobile_targets.tflite.gpu_ready import mask_product_in_column_blocks
-    from validation.compat.matrix import WORKER
-    from validation.compat.runtimes import environment_python
 
     _needs_a_browser()
-    python = environment_python(runtime_spec(LITERTJS))
     torch.manual_seed(0)
-    hyper, upscaled = torch.randn(1, 4, 32), torch.randn(1, 32, 65536)
-    expected = (hyper @ upscaled).numpy()
+    inputs = (torch.randn(1, 4, 32), torch.randn(1, 32, 65536))
+    error, status = _run_in_litertjs(torch.matmul, inputs, tmp_path / "whole")
+    assert error > 1.0 and "over the adapter's limit" in status["note"], (error, status)
+    error, status = _run_in_litertjs(mask_product_in_column_blocks, inputs, tmp_path / "blocks")
+    assert error < 1e-4 and _no_webgpu_errors(status), (error, status)
 
-    class Product(torch.nn.Module):
-        def __init__(self, product) -> None:
-            super().__init__()
-            self.product = product
 
-        def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-            return self.product(a, b)
+def test_litertjs_answers_wrong_past_the_dispatch_limit_and_prompt_blocks_fix_it(tmp_path):
+    """Why the batched decoder's image-token norms run in blocks of prompts: in LiteRT.js a
+    LayerNorm over 16 prompts' 4096 image tokens dispatches 65536 workgroups, over WebGPU's
+    default 65535 a dimension, and answers wrong with no error (the b64 decoders did, mask IoU
+    0.21); `LayerNormInPromptBlocks` is right."""
+    from mobile_targets.tflite.gpu_ready import LayerNormInPromptBlocks
 
-    answers = {}
-    for name, product in (("whole", torch.matmul), ("blocks", mask_product_in_column_blocks)):
-        model = tmp_path / f"{name}.tflite"
-        model.write_bytes(_float_tflite(Product(product), hyper, upscaled))
-        names = list(Interpreter(model_path=str(model)).get_signature_runner("serving_default").get_input_details())
-        inputs, outputs = tmp_path / f"{name}-in.npz", tmp_path / f"{name}-out.npz"
-        np.savez(inputs, **{f"case0.{names[0]}": hyper.numpy(), f"case0.{names[1]}": upscaled.numpy()})
-        command = [str(python), str(WORKER), "--loader", "litertjs_webgpu", "--model", str(model)]
-        done = subprocess.run(
-            [*command, "--inputs", str(inputs), "--outputs", str(outputs)], capture_output=True, text=True
-        )
-        status = json.loads(done.stdout.strip().splitlines()[-1])
-        assert status["status"] == "ok", status
-        with np.load(outputs) as archive:
-            answers[name] = (float(np.abs(archive[archive.files[0]].reshape(expected.shape) - expected).max()), status)
-    error, status = answers["whole"]
-    assert error > 1.0 and "over the adapter's limit" in status["note"], answers["whole"]
-    error, status = answers["blocks"]
-    assert error < 1e-4 and "all ops on WebGPU" in status["note"] and "limit" not in status["note"].split(";", 1)[1]
+    _needs_a_browser()
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(256)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    inputs = (torch.randn(16, 4096, 256),)
+    error, status = _run_in_litertjs(norm, inputs, tmp_path / "whole")
+    assert error > 0.1 and "exceeds max compute workgroups per dimension" in status["note"], (error, status)
+    error, status = _run_in_litertjs(LayerNormInPromptBlocks(norm), inputs, tmp_path / "blocks")
+    assert error < 1e-4 and _no_webgpu_errors(status), (error, status)

@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from mobile_targets.convert import build_parts
-from mobile_targets.tflite.gpu_ready import gpu_ready, mask_product_in_column_blocks, tiled_by_concatenation
+from mobile_targets.tflite.gpu_ready import (
+    LayerNormInPromptBlocks,
+    gpu_ready,
+    mask_product_in_column_blocks,
+    tiled_by_concatenation,
+)
 from pipeline.config import RunConfig
 from pipeline.processing import prepare_image
 
@@ -41,12 +46,17 @@ def test_gpu_ready_decoders_are_bit_exact(parts):
 
 def test_tiling_and_mask_blocks_are_exact_for_any_size():
     """A power of two of copies, and a count that leaves a remainder; a mask product whose columns
-    are not a multiple of the block."""
+    are not a multiple of the block; a norm whose prompts are not a multiple of the block."""
     part = torch.randn(5, 1, 3)
     for times in (1, 2, 8, 13):
         assert torch.equal(tiled_by_concatenation(part, times, dim=1), part.repeat(1, times, 1))
     hyper, upscaled = torch.randn(2, 4, 32), torch.randn(2, 32, 40000)
     assert torch.allclose(mask_product_in_column_blocks(hyper, upscaled), hyper @ upscaled, rtol=0, atol=1e-5)
+    norm = torch.nn.LayerNorm(8)
+    torch.nn.init.normal_(norm.weight)
+    rows = torch.randn(20, 4096, 8)  # blocks of 15 prompts and 5
+    with torch.no_grad():
+        assert torch.equal(LayerNormInPromptBlocks(norm)(rows), norm(rows))
 
 
 def _webgpu_rule_breaches(path) -> list[str]:

@@ -6,12 +6,14 @@ The GPU delegate's rules are TensorFlow Lite's `gpu_compatibility` checks (what
 only on 3-D or 4-D tensors, a MUL's operands broadcast one way only (one of them at least as large
 as the other in every dimension), no BROADCAST_TO. LiteRT's WebGPU delegate (LiteRT.js, run by
 `validation.compat`) adds its own: no tensor of more than 4 dimensions, no BATCH_MATMUL with a
-constant operand, no texture wider than WebGPU's default limit.
+constant operand, no texture wider than WebGPU's default limit, no dispatch of more workgroups a
+dimension than WebGPU's default limit.
 """
 
 from __future__ import annotations
 
 import torch
+from segment_anything.modeling.transformer import TwoWayAttentionBlock
 
 from mobile_targets.graph_patches import without_bias_gathers
 from pipeline.export_wrappers import PromptDecoderForExport, softmax_times_kept_values
@@ -131,11 +133,39 @@ def weighted_values_in_prompt_blocks(
     )
 
 
+WEBGPU_WORKGROUPS_PER_DIMENSION = 65535
+"""WebGPU's default `maxComputeWorkgroupsPerDimension`: the most workgroups every adapter must
+take in one dimension of a dispatch."""
+
+
+class LayerNormInPromptBlocks(torch.nn.Module):
+    """`norm` over blocks of prompts (the leading dimension), each block at most
+    `WEBGPU_WORKGROUPS_PER_DIMENSION` rows, concatenated.
+
+    Why: LiteRT's WebGPU delegate dispatches a LayerNorm with one workgroup a row, and the
+    batched decoder's image-token norm (B x 4096 x 256) has 4096 rows a prompt: from 16 prompts on
+    the dispatch is over WebGPU's default limit, the browser logs "Dispatch workgroup count X ...
+    exceeds max compute workgroups per dimension" and the run answers wrong with no error. Each row
+    is normalized alone: exact."""
+
+    def __init__(self, norm: torch.nn.LayerNorm) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        rows_per_prompt = rows[0].numel() // rows.shape[-1]
+        block = max(1, WEBGPU_WORKGROUPS_PER_DIMENSION // rows_per_prompt)
+        if rows.shape[0] <= block:
+            return self.norm(rows)
+        return torch.cat([self.norm(rows[start : start + block]) for start in range(0, rows.shape[0], block)], dim=0)
+
+
 def gpu_ready(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of an export wrapper (or anything holding one) with every patch: the encoder's biases
     without gathers (`mobile_targets.graph_patches.without_bias_gathers`); the decoder's
     `one_hot_label_embeddings`, `image_pe_tokens_tiled`, `rows_times_ones`,
-    `mask_product_in_column_blocks` and `weighted_values_in_prompt_blocks`."""
+    `mask_product_in_column_blocks` and `weighted_values_in_prompt_blocks`; its image-token norms
+    as `LayerNormInPromptBlocks`."""
     patched = without_bias_gathers(module)
     for child in patched.modules():
         if isinstance(child, PromptDecoderForExport):
@@ -144,4 +174,7 @@ def gpu_ready(module: torch.nn.Module) -> torch.nn.Module:
             child.batch_rows = rows_times_ones
             child.mask_product = mask_product_in_column_blocks
             child.weighted_values = weighted_values_in_prompt_blocks
+            for block in child.mask_decoder.transformer.layers:
+                if isinstance(block, TwoWayAttentionBlock):
+                    block.norm4 = LayerNormInPromptBlocks(block.norm4)
     return patched
