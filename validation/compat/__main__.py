@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.cli import exit_status, run_main, setup_logging
 from validation.compat.matrix import build_matrix, record_in_manifests, write_report
-from validation.compat.runtimes import DEFAULT_RUNTIMES, OPT_IN_RUNTIMES, runtime_spec
+from validation.compat.runtimes import DEFAULT_RUNTIMES, runtime_spec
 
 
 def main() -> int:
@@ -23,7 +23,7 @@ def main() -> int:
         "--runtimes",
         nargs="+",
         default=list(DEFAULT_RUNTIMES),
-        help=f"default: {', '.join(DEFAULT_RUNTIMES)}; named only: {', '.join(OPT_IN_RUNTIMES)}",
+        help=f"default: {', '.join(DEFAULT_RUNTIMES)}",
     )
     parser.add_argument("--no-manifest-update", action="store_true", help="leave the manifests as they are")
     args = parser.parse_args()

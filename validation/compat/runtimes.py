@@ -96,15 +96,9 @@ CATALOG: tuple[RuntimeSpec, ...] = (
         "the first 1.x",
     ),
 )
-"""Every runtime the matrix knows. The default matrix (`DEFAULT_RUNTIMES`) is all but `OPT_IN_RUNTIMES`."""
+"""Every runtime the matrix knows; the default matrix runs them all (`DEFAULT_RUNTIMES`)."""
 
-OPT_IN_RUNTIMES = ("litertjs-2.5.3-webgpu",)
-"""Runtimes the matrix runs only when named: LiteRT.js on WebGPU answers wrong on the default
-batched decoders, 64 prompts (a kernel over B x 4096 x 256 dispatches 4096 workgroups a prompt,
-over WebGPU's default 65535 a dimension: the browser logs it and the run goes on), so
-by default its column would fail every default convert folder until the batched decoder runs
-in blocks of prompts. Named, it runs every file and marks those cells wrong."""
-DEFAULT_RUNTIMES = tuple(spec.name for spec in CATALOG if spec.name not in OPT_IN_RUNTIMES)
+DEFAULT_RUNTIMES = tuple(spec.name for spec in CATALOG)
 """Each pulls its own torch build (an ExecuTorch release's pybindings link the torch it was built
 with): the older ExecuTorch environments take a few GB each, once."""
 QUICK_RUNTIMES = ("ai-edge-litert-2.3", "tflite-runtime-2.14.0")

@@ -99,6 +99,13 @@ def refused_ops(log: list[str]) -> str:
     return ", ".join(f"{key} (x{count})" for key, count in counts.items())
 
 
+def delegate_failures(log: list[str]) -> str:
+    """Why the WebGPU delegate gave up on a graph, from the browser's log (LiteRT.js's own error
+    names only a source line): "Failed to create ...: INVALID_ARGUMENT: ..." and the like."""
+    failures = sorted({line.split("] ", 1)[-1].strip() for line in log if "Failed to create" in line})
+    return "; ".join(failures)
+
+
 def run_litertjs(model: str, cases: dict[int, dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], str]:
     """Every case through LiteRT.js on WebGPU in headless Chromium, in one browser session: the
     outputs and `where_it_ran` (a browser logs WebGPU errors and goes on: the answers say whether
@@ -128,7 +135,10 @@ def run_litertjs(model: str, cases: dict[int, dict[str, np.ndarray]]) -> tuple[d
             raise RuntimeError(f"the browser run ended without a result: {lines[-1] if lines else done.returncode}")
         result = json.loads(report.read_text())
         if result["status"] != "ok":
-            raise RuntimeError(f"{result['stage']}: {result['error']}")
+            why = [
+                part for part in (delegate_failures(result.get("log", [])), refused_ops(result.get("log", []))) if part
+            ]
+            raise RuntimeError(f"{result['stage']}: {result['error']}" + "".join(f"; {part}" for part in why))
         outputs = {}
         for index, shapes in enumerate(result["outputs"]):
             for name, spec in shapes.items():
