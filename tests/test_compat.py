@@ -279,23 +279,26 @@ def test_litertjs_runs_the_gpu_ready_files_entirely_on_webgpu(tflite_converted, 
     """LiteRT.js on WebGPU in headless Chromium (SwiftShader, WebGPU's default 8192-texel texture
     limit): the shipped fp32 decoder and batched decoder (B = 4: four prompts' values were a
     texture four times over the limit before `weighted_values_in_prompt_blocks`) run with every op
-    on WebGPU and pass their self-test vectors, and the cell says where they ran. (The encoder,
-    whose shapes `test_gpu_ready` checks, takes minutes on SwiftShader: `nox -s compat` runs it.)"""
+    on WebGPU and pass their self-test vectors, and the cell says where they ran; the int8 decoder,
+    which the WebGPU delegate gives up on, is refused and its cell says why. (The encoder, whose
+    shapes `test_gpu_ready` checks, takes minutes on SwiftShader: `nox -s compat` runs it.)"""
     _needs_a_browser()
     out = tmp_path / "out"
     shutil.copytree(Path(tflite_converted).parent, out / "tflite")
     manifest_path = out / "tflite" / "manifest.json"
     raw = json.loads(manifest_path.read_text())
-    kept = ("prompt_decoder_fp32.tflite", "prompt_decoder_b4_fp32.tflite")
-    raw["artifacts"] = [item for item in raw["artifacts"] if item["file"] in kept]
+    passing, refused = ("prompt_decoder_fp32.tflite", "prompt_decoder_b4_fp32.tflite"), "prompt_decoder_int8.tflite"
+    raw["artifacts"] = [item for item in raw["artifacts"] if item["file"] in (*passing, refused)]
     manifest_path.write_text(json.dumps(raw))
 
     report = build_matrix(out, [runtime_spec(LITERTJS)])
     cells = {c.file: c for c in report.cells}
-    assert set(cells) == set(kept)
-    for cell in cells.values():
-        assert cell.verdict == "pass", cell
-        assert "all ops on WebGPU" in cell.detail and "swiftshader" in cell.detail, cell.detail
+    assert set(cells) == {*passing, refused}
+    for file in passing:
+        assert cells[file].verdict == "pass", cells[file]
+        assert "all ops on WebGPU" in cells[file].detail and "swiftshader" in cells[file].detail, cells[file].detail
+    assert cells[refused].verdict == "refused" and "Failed to create" in cells[refused].detail, cells[refused]
+    assert "DEQUANTIZE" in cells[refused].detail, cells[refused].detail
     assert report.runtimes[0].version == "2.5.3"
 
 

@@ -94,6 +94,8 @@ def refused_ops(log: list[str]) -> str:
         elif listing and ":" in line:
             op, reason = line.split(":", 1)
             reason = re.sub(r'\s*"?\bt\d+\b"?', "", reason).strip().rstrip(".")  # tensor names vary
+            if not reason:  # the op's heading; its reasons follow
+                continue
             key = f"{op.strip()}: {reason}"
             counts[key] = counts.get(key, 0) + 1
     return ", ".join(f"{key} (x{count})" for key, count in counts.items())
@@ -102,7 +104,9 @@ def refused_ops(log: list[str]) -> str:
 def delegate_failures(log: list[str]) -> str:
     """Why the WebGPU delegate gave up on a graph, from the browser's log (LiteRT.js's own error
     names only a source line): "Failed to create ...: INVALID_ARGUMENT: ..." and the like."""
-    failures = sorted({line.split("] ", 1)[-1].strip() for line in log if "Failed to create" in line})
+    failed = [line.split("] ", 1)[-1] for line in log if "Failed to create" in line]
+    messages = [line.split("=== Source Location Trace")[0] for line in failed]  # then a stack of source lines
+    failures = sorted({" ".join(message.split()) for message in messages})
     return "; ".join(failures)
 
 
@@ -134,11 +138,11 @@ def run_litertjs(model: str, cases: dict[int, dict[str, np.ndarray]]) -> tuple[d
             lines = [line for line in (done.stderr or done.stdout).splitlines() if line.strip()]
             raise RuntimeError(f"the browser run ended without a result: {lines[-1] if lines else done.returncode}")
         result = json.loads(report.read_text())
-        if result["status"] != "ok":
-            why = [
-                part for part in (delegate_failures(result.get("log", [])), refused_ops(result.get("log", []))) if part
-            ]
-            raise RuntimeError(f"{result['stage']}: {result['error']}" + "".join(f"; {part}" for part in why))
+        if result["status"] != "ok":  # LiteRT.js's error names source lines; the log says why
+            log = result.get("log", [])
+            first = result["error"].strip().splitlines()[0]
+            why = "; ".join(part for part in (delegate_failures(log), refused_ops(log)) if part)
+            raise RuntimeError(f"{result['stage']}: {why}; {first}" if why else f"{result['stage']}: {first}")
         outputs = {}
         for index, shapes in enumerate(result["outputs"]):
             for name, spec in shapes.items():
